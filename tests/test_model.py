@@ -1,0 +1,168 @@
+"""The decoder and the weight files against transformers (test-only reference), fp32, max |Δ| ≤ 1e-4."""
+
+import json
+
+import pytest
+import torch
+
+import minirank
+from minirank.model import ModelConfig, Transformer
+from minirank.weights import CheckpointError, load_model, save_model
+
+transformers = pytest.importorskip("transformers")
+
+LLAMA32 = dict(  # Llama-3.2 in miniature: llama3 rope scaling, tied embeddings, GQA
+    architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=512, hidden_size=128,
+    intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=131072, tie_word_embeddings=True,
+    # original context 128 so that positions up to 1024 fall deep into the rescaled range
+    rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                      original_max_position_embeddings=128),
+    bos_token_id=1, eos_token_id=2,
+)
+QWEN2 = dict(  # Qwen2 in miniature: q/k/v bias, untied head, more embedding rows than tokens
+    architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=640, hidden_size=128,
+    intermediate_size=320, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+    rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=32768, tie_word_embeddings=False,
+    use_sliding_window=False, bos_token_id=1, eos_token_id=2,
+)
+
+
+def reference(hf: dict):
+    cls = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM}[hf["model_type"]]
+    cfg_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[hf["model_type"]]
+    ref = cls(cfg_cls(**hf)).eval()
+    with torch.no_grad():  # HF initialises biases to 0: randomise them so they are actually tested
+        for name, p in ref.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return ref
+
+
+def ours_from(ref, hf):
+    model = Transformer(ModelConfig.from_hf(hf)).eval()
+    sd = ref.state_dict()
+    if hf["tie_word_embeddings"]:
+        sd.pop("lm_head.weight", None)
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
+@pytest.mark.parametrize("hf", [LLAMA32, QWEN2], ids=["llama3.2", "qwen2"])
+def test_logits_match_transformers(hf):
+    ref = reference(hf)
+    model = ours_from(ref, hf)
+    ids = torch.randint(0, hf["vocab_size"], (2, 1024))
+    with torch.no_grad():
+        want, got = ref(ids).logits, model(ids)
+    assert got.shape == (2, 1024, hf["vocab_size"])
+    assert (got - want).abs().max().item() <= 1e-4
+
+
+def test_llama3_rope_scaling_is_applied():
+    # Positions past the original context must differ with and without scaling, else the test above
+    # would not show the scaled frequencies are right.
+    from minirank.model import rope_inv_freq
+    cfg = ModelConfig.from_hf(LLAMA32)
+    plain = ModelConfig.from_hf({**LLAMA32, "rope_scaling": None})
+    a, b = rope_inv_freq(cfg), rope_inv_freq(plain)
+    assert (a < b).sum() > 0 and torch.equal(a[:2], b[:2])  # low frequencies scaled, highest untouched
+
+
+def test_bf16_close_to_transformers():
+    ref = reference(LLAMA32).to(torch.bfloat16)
+    model = ours_from(ref, LLAMA32)
+    ids = torch.randint(0, 512, (1, 256))
+    with torch.no_grad():
+        want, got = ref(ids).logits.float(), model(ids).float()
+    assert got.dtype == torch.float32 and (got - want).abs().max().item() < 0.1
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.95
+
+
+def test_real_model_logits(smol_dir):
+    model, tok = minirank.load(smol_dir)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(smol_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([tok.chat([{"role": "user", "content": "Why is the sky blue? Explain briefly."}])])
+    with torch.no_grad():
+        assert (model(ids) - ref(ids).logits).abs().max().item() <= 1e-4
+
+
+def test_save_loads_in_transformers(tmp_path):
+    ref = reference(QWEN2)
+    model = ours_from(ref, QWEN2)
+    save_model(model, tmp_path / "m", max_shard_bytes=200_000)  # forces several shards + index
+    assert (tmp_path / "m" / "model.safetensors.index.json").is_file()
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
+    ids = torch.randint(0, 640, (1, 64))
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, model(ids))
+
+
+def test_transformers_sharded_checkpoint_loads(tmp_path):
+    ref = reference(LLAMA32)
+    ref.save_pretrained(tmp_path / "hf", max_shard_size="300KB")
+    assert len(list((tmp_path / "hf").glob("model-*.safetensors"))) > 1
+    model = load_model(tmp_path / "hf")
+    ids = torch.randint(0, 512, (1, 64))
+    with torch.no_grad():
+        assert torch.equal(model(ids), ref(ids).logits)
+
+
+def test_load_in_bf16(tmp_path):
+    model = ours_from(reference(LLAMA32), LLAMA32)
+    save_model(model, tmp_path)
+    m16 = load_model(tmp_path, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in m16.parameters())
+    assert torch.equal(m16.model.embed_tokens.weight, model.model.embed_tokens.weight.bfloat16())
+
+
+# --- bad input: one clear error each --------------------------------------------------------------
+
+@pytest.fixture
+def saved(tmp_path):
+    save_model(ours_from(reference(LLAMA32), LLAMA32), tmp_path)
+    return tmp_path
+
+
+def test_missing_config(tmp_path):
+    with pytest.raises(CheckpointError, match="no config.json in"):
+        load_model(tmp_path)
+
+
+def test_unsupported_architecture(saved):
+    cfg = json.loads((saved / "config.json").read_text())
+    cfg.update(architectures=["GPTNeoXForCausalLM"], model_type="gpt_neox")
+    (saved / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="unsupported architecture.*GPTNeoX"):
+        load_model(saved)
+
+
+def test_truncated_safetensors(saved):
+    f = saved / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-1000])
+    with pytest.raises(CheckpointError, match="model.safetensors: truncated"):
+        load_model(saved)
+
+
+def test_shape_mismatch_lists_every_problem(saved):
+    cfg = json.loads((saved / "config.json").read_text())
+    cfg.update(intermediate_size=300)
+    (saved / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError) as e:
+        load_model(saved)
+    msg = str(e.value)
+    assert "wrong shape (6)" in msg and "model.layers.0.mlp.up_proj.weight: file (256, 128) vs model (300, 128)" in msg
+
+
+def test_missing_and_unexpected_keys(saved):
+    from safetensors.torch import load_file, save_file
+    sd = load_file(saved / "model.safetensors")
+    sd["model.layers.0.self_attn.extra.weight"] = sd.pop("model.norm.weight")
+    save_file(sd, saved / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"(?s)missing \(1\): model.norm.weight.*unexpected \(1\): model.layers.0.self_attn.extra"):
+        load_model(saved)
+
+
+def test_unknown_spec():
+    with pytest.raises(ValueError, match="unknown model spec 'not a spec'"):
+        minirank.resolve("not a spec")
