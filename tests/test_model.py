@@ -166,3 +166,18 @@ def test_missing_and_unexpected_keys(saved):
 def test_unknown_spec():
     with pytest.raises(ValueError, match="unknown model spec 'not a spec'"):
         minirank.resolve("not a spec")
+
+
+def test_save_real_model_with_tokenizer(smol_dir, tmp_path):
+    model, tok = minirank.load(smol_dir, dtype=torch.bfloat16)
+    minirank.save(model, tok, tmp_path)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ref_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert ref.dtype == torch.bfloat16
+    msgs = [{"role": "user", "content": "Hi there"}]
+    ids = tok.chat(msgs)
+    assert list(ref_tok.apply_chat_template(msgs, add_generation_prompt=True, return_dict=False)) == ids
+    with torch.no_grad():
+        assert torch.equal(ref(torch.tensor([ids])).logits, model(torch.tensor([ids])))
+    again, tok2 = minirank.load(tmp_path, dtype=torch.bfloat16)
+    assert tok2.chat(msgs) == ids and tok2.stop_ids == tok.stop_ids
