@@ -1,0 +1,339 @@
+"""Sampling with a static KV cache: prefill, then one token at a time, many prompts in flight.
+
+The cache is one preallocated buffer per layer, [slots, n_kv, max_len, head_dim]. Each slot holds
+one sequence contiguously from index 0, so a row's write index is its own length, its RoPE position
+equals its cache index, and the decode mask is just `arange(S) <= pos[b]` — mixed prompt lengths
+need no padding bookkeeping at all.
+
+    prompt  --prefill (once per prompt, right-padded chunks)-->  prefix K/V + last logits
+    prefix  --copy into 1 slot (n=1) or n slots (a GRPO group)-->  rows in the decode batch
+    decode  --one token for every live slot per step-->  finished rows free their slot, the
+              next waiting row takes it (continuous batching); with nothing waiting, the batch
+              shrinks instead so finished rows cost nothing.
+
+Randomness is a pure function of (seed, row, step): each row draws its uniform from a counter-based
+hash, so the samples of a row do not depend on batch_size, slot order or what else is in the batch
+(up to the float noise of batched matmuls), and the sampler has no hidden state to capture in a
+compiled graph.
+"""
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Generation:
+    """One entry per row, prompt-major: prompt 0's n samples first."""
+    tokens: list[list[int]]  # new ids; the stop id / the token completing a stop string included
+    logprobs: list[list[float]]  # log p(token) at temperature 1, no truncation (what GRPO needs)
+    sample_logprobs: list[list[float]]  # log-prob under the distribution actually sampled (0 if greedy)
+    finish_reasons: list[str]  # "stop" (stop id or stop string) or "length"
+    texts: list[str] | None = None  # decoded tokens (a trailing stop id left out) when a tokenizer is given
+    stats: dict = field(default_factory=dict)  # prefill_tokens, decode_steps, decode_rows, ...
+
+
+class KVCache:
+    """Per layer, k and v buffers [slots, n_kv, max_len, head_dim], allocated once."""
+
+    def __init__(self, cfg, slots, max_len, dtype, device):
+        shape = (slots, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        if torch.device(device).type == "cuda":
+            # CUDA graphs replay fixed addresses: tell the compiler these buffers never move
+            for t in self.k + self.v:
+                torch._dynamo.mark_static_address(t)
+
+    def move(self, dst: int, src: int, length: int):
+        for k, v in zip(self.k, self.v):
+            k[dst, :, :length] = k[src, :, :length]
+            v[dst, :, :length] = v[src, :, :length]
+
+
+class _SlotView:
+    """What the model's attention sees while decoding: write this step's k/v at each row's own
+    position, hand back the first S entries of every row (the mask hides what a row must not see)."""
+
+    def __init__(self, ks, vs, pos, S):
+        self.ks, self.vs, self.pos, self.S = ks, vs, pos, S
+
+    def update(self, i, k, v):
+        B, n_kv, _, d = k.shape
+        idx = self.pos.view(B, 1, 1, 1).expand(B, n_kv, 1, d)
+        kb, vb = self.ks[i][:B], self.vs[i][:B]
+        kb.scatter_(2, idx, k)
+        vb.scatter_(2, idx, v)
+        return kb[:, :, :self.S], vb[:, :, :self.S]
+
+
+class _Stash:
+    """Prefill-time cache: attention runs over the chunk itself (plain causal); we keep the k/v."""
+
+    def __init__(self):
+        self.k, self.v = {}, {}
+
+    def update(self, i, k, v):
+        self.k[i], self.v[i] = k, v
+        return k, v
+
+
+# ---- counter-based randomness: a 32-bit integer hash evaluated in int64 without overflow ----
+
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x, c):
+    # (x * c) mod 2^32 for x < 2^32, split so no int64 product exceeds 2^48
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _hash32(x):
+    # "lowbias32" (C. Wellons): a bijection on 32 bits with near-ideal avalanche
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _seed_key(seed: int) -> int:
+    return _hash32((seed & _M32) ^ _hash32((seed >> 32) & _M32))  # plain ints: the hash is the same code
+
+
+def _uniform(key, rows, steps):
+    """One uniform in [0, 1 - 2^-32] per (seed, row, step), float64. key: _seed_key(seed), a tensor
+    (not a Python int, so a new seed does not recompile the decode step)."""
+    h = _hash32(key ^ (rows & _M32))
+    h = _hash32(h ^ (steps & _M32))
+    return h.double() * 2.0 ** -32
+
+
+def sample(logits, u, temperature=0.0, top_k=0, top_p=1.0):
+    """logits [B, V] fp32 (unsampleable ids already -inf), u [B] uniforms ->
+    (token [B], logprob at T=1 untruncated [B], logprob under the sampling distribution [B]).
+
+    temperature -> top-k -> top-p (keep the smallest prefix of the sorted distribution whose mass
+    reaches top_p; never empty), then inverse-CDF sampling with u in float64.
+    """
+    logp = torch.log_softmax(logits, -1)
+    if temperature <= 0:
+        tok = logits.argmax(-1)
+        return tok, logp.gather(-1, tok[:, None])[:, 0], torch.zeros_like(logp[:, 0])
+    scores, idx = logits / temperature, None
+    if top_k > 0 and top_k < scores.shape[-1]:
+        scores, idx = scores.topk(top_k, -1)  # sorted, descending
+    if top_p < 1.0:
+        if idx is None:
+            scores, idx = scores.sort(-1, descending=True)
+        p = scores.softmax(-1).double()
+        drop = (p.cumsum(-1) - p) >= top_p  # the mass before this token already reaches top_p
+        drop[:, 0] = False
+        scores = scores.masked_fill(drop, float("-inf"))
+    slogp = torch.log_softmax(scores, -1)
+    cdf = slogp.double().exp().cumsum(-1)
+    # first index whose cdf exceeds u*total: a token with zero mass can never be hit
+    j = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp_(max=cdf.shape[-1] - 1)
+    tok = j[:, 0] if idx is None else idx.gather(-1, j)[:, 0]
+    return tok, logp.gather(-1, tok[:, None])[:, 0], slogp.gather(-1, j)[:, 0]
+
+
+def _logits(model, h):
+    logits = model.head(h).float()
+    if model.n_tokens < logits.shape[-1]:
+        logits[..., model.n_tokens:] = float("-inf")  # embedding rows with no token behind them
+    return logits
+
+
+def decode_step(model, ks, vs, ids, pos, S, rows, steps, key, temperature, top_k, top_p):
+    """One token for each of B rows: feed ids [B] at positions pos [B], sample the next.
+    All shapes depend only on (B, S), so this is what `compile=True` hands to torch.compile."""
+    mask = (torch.arange(S, device=ids.device) <= pos[:, None])[:, None, None, :]
+    h = model.hidden(ids[:, None], pos[:, None], mask, _SlotView(ks, vs, pos, S))
+    return sample(_logits(model, h[:, 0]), _uniform(key, rows, steps), temperature, top_k, top_p)
+
+
+_compiled = {}
+
+
+def _compiled_step(device_type):
+    if device_type not in _compiled:
+        # CUDA: CUDA graphs remove the per-kernel launch cost that dominates batch-1 decode
+        mode = "reduce-overhead" if device_type == "cuda" else None
+        _compiled[device_type] = torch.compile(decode_step, mode=mode, fullgraph=True, dynamic=False)
+    return _compiled[device_type]
+
+
+def prefill(model, prompts, cache_rows=None):
+    """Run prompts (right-padded into one batch) -> per prompt (k list, v list, last logits [V]).
+    Right padding keeps every real token's position = its index, and plain causal attention never
+    lets a real token see a pad; pads' outputs are thrown away."""
+    T = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), T, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, :len(p)] = torch.tensor(p)
+    stash = _Stash()
+    h = model.hidden(ids.to(model.device), None, None, stash)
+    last = torch.tensor([len(p) - 1 for p in prompts], device=h.device)
+    logits = _logits(model, h[torch.arange(len(prompts), device=h.device), last])  # head only where needed
+    L = len(stash.k)
+    return [([stash.k[i][b, :, :len(p)] for i in range(L)], [stash.v[i][b, :, :len(p)] for i in range(L)], logits[b])
+            for b, p in enumerate(prompts)]
+
+
+def _chunks(prompt_ids, lengths, budget):
+    # longest first; a chunk grows while it stays within `budget` padded tokens and wastes < 20% on pads
+    order = sorted(prompt_ids, key=lambda p: -lengths[p])
+    chunk = []
+    for p in order:
+        if chunk and ((len(chunk) + 1) * lengths[chunk[0]] > budget
+                      or sum(lengths[q] for q in chunk + [p]) < 0.8 * (len(chunk) + 1) * lengths[chunk[0]]):
+            yield chunk
+            chunk = []
+        chunk.append(p)
+    if chunk:
+        yield chunk
+
+
+def _default_stop_ids(model, tokenizer):
+    for src in (model, tokenizer):
+        ids = getattr(src, "stop_ids", None)
+        if ids is not None:
+            return list(ids)
+    eos = model.config.hf.get("eos_token_id")
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
+@torch.inference_mode()
+def generate(model, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0, stop_ids=None,
+             seed=None, n=1, batch_size=None, stop_strings=None, tokenizer=None, compile=False,
+             prefill_tokens=2048, attn_block=64):
+    """Sample `n` completions of each prompt (lists of token ids); see `Generation` for the result.
+
+    stop_ids: None -> the model's own eos/end-of-turn ids (model.stop_ids, else tokenizer.stop_ids,
+      else config eos_token_id); [] -> never stop early. stop_strings need `tokenizer` (anything with
+      .decode(ids), or a callable ids -> str). batch_size: decode slots (default: all rows at once);
+      more rows than slots stream through them. seed: same seed -> same samples (None: drawn from
+      torch's global RNG). compile: torch.compile the decode step (CUDA graphs on GPU); it then runs
+      at a fixed batch and attends over the whole cache so shapes never change.
+    """
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if n < 1 or max_new_tokens < 0:
+        raise ValueError("need n >= 1 and max_new_tokens >= 0")
+    stops = set(_default_stop_ids(model, tokenizer) if stop_ids is None else stop_ids)
+    decode = getattr(tokenizer, "decode", None) or (tokenizer if callable(tokenizer) else None)
+    if stop_strings and decode is None:
+        raise ValueError("stop_strings need a tokenizer (or a decode function) to see text")
+    stop_strings = list(stop_strings or [])
+    # a stop string can only have been completed within its last few tokens: decode just that window
+    window = 2 * max((len(s) for s in stop_strings), default=0) + 8
+    if seed is None:
+        seed = int(torch.randint(0, 2 ** 62, ()).item())
+    R, dev = len(prompts) * n, model.device
+    tokens, lps, slps = [[] for _ in range(R)], [[] for _ in range(R)], [[] for _ in range(R)]
+    reasons = ["length"] * R
+    stats = dict(prefill_tokens=0, decode_steps=0, decode_rows=0)
+    out = Generation(tokens, lps, slps, reasons, None, stats)
+    if R == 0 or max_new_tokens == 0:
+        out.texts = [""] * R if decode else None
+        return out
+
+    slots = min(batch_size or R, R)
+    lengths = [len(p) for p in prompts]
+    max_len = max(lengths) + max_new_tokens
+    max_len = -(-max_len // attn_block) * attn_block  # a multiple of the attention block
+    cache = KVCache(model.config, slots, max_len, model.dtype, dev)
+    step_fn = _compiled_step(dev.type) if compile else decode_step
+    key = torch.tensor(_seed_key(seed), device=dev)
+    samp = dict(key=key, temperature=temperature, top_k=top_k, top_p=top_p)
+
+    waiting = deque(range(R))
+    prefixes = {}  # prompt -> (k, v, logits), kept while some of its rows still wait for a slot
+    left = {}  # prompt -> rows not yet admitted
+    slot_row = [-1] * slots  # row in each slot; -1 = idle
+    pos = [0] * slots  # where the slot's next fed token goes (= its sequence length so far)
+    cur = [0] * slots  # the token to feed next
+    B = slots  # slots in the decode batch; shrinks (compaction) once nothing waits
+
+    def push(r, tok, lp, slp):
+        """Record a sampled token; True if row r is finished."""
+        tokens[r].append(tok), lps[r].append(lp), slps[r].append(slp)
+        if tok in stops:
+            reasons[r] = "stop"
+            return True
+        if stop_strings:
+            text = decode(tokens[r][-window:])
+            if any(s in text for s in stop_strings):
+                reasons[r] = "stop"
+                return True
+        return len(tokens[r]) >= max_new_tokens
+
+    def admit():
+        free = [s for s in range(B) if slot_row[s] < 0]
+        take = [waiting.popleft() for _ in range(min(len(free), len(waiting)))]
+        need = sorted({r // n for r in take} - prefixes.keys())
+        for chunk in _chunks(need, lengths, prefill_tokens):
+            for p, pre in zip(chunk, prefill(model, [prompts[p] for p in chunk])):
+                prefixes[p], left[p] = pre, n
+            stats["prefill_tokens"] += sum(lengths[p] for p in chunk)
+        by_prompt = {}
+        for r, s in zip(take, free):
+            by_prompt.setdefault(r // n, []).append((r, s))
+        for p, rs in by_prompt.items():
+            k, v, _ = prefixes[p]
+            idx = torch.tensor([s for _, s in rs], device=dev)
+            for i in range(len(k)):  # a group's n rows all copy the one prefill: no recomputation
+                cache.k[i][idx, :, :lengths[p]] = k[i]
+                cache.v[i][idx, :, :lengths[p]] = v[i]
+        # the first new token comes from the prefill's last logits
+        logits = torch.stack([prefixes[r // n][2] for r in take])
+        rows = torch.tensor(take, device=dev)
+        res = sample(logits, _uniform(key, rows, torch.zeros_like(rows)), temperature, top_k, top_p)
+        for r, s, tok, lp, slp in zip(take, free, *(t.tolist() for t in res)):
+            p = r // n
+            left[p] -= 1
+            if left[p] == 0:
+                del prefixes[p], left[p]
+            if not push(r, tok, lp, slp):
+                slot_row[s], pos[s], cur[s] = r, lengths[p], tok
+
+    while True:
+        while waiting and -1 in slot_row[:B]:
+            admit()  # loops: a row can finish on its very first token and free its slot again
+        live = [s for s in range(B) if slot_row[s] >= 0]
+        if not live:
+            break
+        if not waiting and not compile and len(live) < B:
+            # nothing left to admit: move live rows to the front so the batch is only live rows
+            holes = [s for s in range(len(live)) if slot_row[s] < 0]
+            for dst, src in zip(holes, [s for s in live if s >= len(live)]):
+                cache.move(dst, src, pos[src])
+                slot_row[dst], pos[dst], cur[dst], slot_row[src] = slot_row[src], pos[src], cur[src], -1
+            B = len(live)
+        if compile:
+            S = max_len  # one shape forever: a single graph to capture
+        else:
+            S = min(max_len, -(-(max(pos[:B]) + 1) // attn_block) * attn_block)
+        rows = [max(slot_row[s], 0) for s in range(B)]
+        res = step_fn(model, cache.k, cache.v, torch.tensor(cur[:B], device=dev),
+                      torch.tensor(pos[:B], device=dev), S, torch.tensor(rows, device=dev),
+                      torch.tensor([len(tokens[r]) for r in rows], device=dev), **samp)
+        stats["decode_steps"] += 1
+        stats["decode_rows"] += B
+        for s, tok, lp, slp in zip(range(B), *(t.tolist() for t in res)):
+            r = slot_row[s]
+            if r < 0:
+                continue  # an idle slot computed garbage at position 0 (compiled: fixed batch)
+            if push(r, tok, lp, slp):
+                slot_row[s], pos[s], cur[s] = -1, 0, 0
+            else:
+                pos[s] += 1
+                cur[s] = tok
+
+    if decode is not None:
+        out.texts = [decode(t[:-1] if t and t[-1] in stops else t) for t in tokens]
+    return out
