@@ -208,51 +208,42 @@ _EXTRA_LETTERS = [(0x02C2, 0x02C5), (0x02D2, 0x02D7), (0x02DE, 0x02DF), (0x02E5,
                   (0xA720, 0xA721), (0xA789, 0xA78A), (0xAB5B, 0xAB5B)]
 
 
-def _in(ranges):
-    return lambda cp: any(lo <= cp <= hi for lo, hi in ranges)
+_CLASSES = None  # name -> sorted code points, built once from Python's Unicode tables
+_ASSIGNED = None  # prefix counts of assigned code points, to merge ranges across unassigned gaps
+_REGEXES = {}     # highest code point -> compiled tokenizer for texts below it
 
 
-def _charclass(cps):
-    # sorted code points -> regex class body made of ranges
-    parts, start, prev = [], None, None
-    for cp in cps:
-        if start is None:
-            start = prev = cp
-        elif cp == prev + 1:
-            prev = cp
-        else:
-            parts.append((start, prev))
-            start = prev = cp
-    if start is not None:
-        parts.append((start, prev))
-    esc = lambda cp: "\\U%08x" % cp
-    return "".join(esc(a) if a == b else f"{esc(a)}-{esc(b)}" for a, b in parts)
+def _classes():
+    global _CLASSES, _ASSIGNED
+    if _CLASSES is not None:
+        return _CLASSES
+    top = 0xE1000
+    cps = list(range(0x32000)) + list(range(0xE0000, top))
+    cats = [unicodedata.category(chr(cp)) for cp in cps]
 
+    def mask(ranges):
+        m = np.zeros(top + 1, bool)
+        for lo, hi in ranges:
+            m[lo:hi + 1] = True
+        return m
 
-_TOKEN_RE = None
-_JUNK_CHARS = None
-
-
-def _token_re():
-    """Compile (once) the tokenizer regex: the StandardTokenizer grammar's rules, in its order."""
-    global _TOKEN_RE, _JUNK_CHARS
-    if _TOKEN_RE is not None:
-        return _TOKEN_RE
-    han, hira, kata, sea = _in(_HAN), _in(_HIRAGANA), _in(_KATAKANA), _in(_SOUTH_EAST_ASIAN)
-    special = {ord(c) for c in _MID_LETTER + _MID_NUM_LET + _MID_NUM}
-    special.update(_ranges(_PICTOGRAPHIC + _EMOJI_MODIFIERS + _REGIONAL_INDICATORS))
+    han, hira, kata, sea, extra = (mask(r) for r in (_HAN, _HIRAGANA, _KATAKANA, _SOUTH_EAST_ASIAN, _EXTRA_LETTERS))
+    special = mask(_PICTOGRAPHIC + _EMOJI_MODIFIERS + _REGIONAL_INDICATORS + [(0xD800, 0xDFFF)])
+    for ch in _MID_LETTER + _MID_NUM_LET + _MID_NUM:
+        special[ord(ch)] = True
     cls = {k: [] for k in ("L", "N", "E", "X", "K", "H", "I", "S")}
-    for cp in list(range(0x32000)) + list(range(0xE0000, 0xE1000)):
-        if 0xD800 <= cp <= 0xDFFF or cp in special:
+    assigned = np.zeros(top + 1, np.int32)
+    for cp, cat in zip(cps, cats):
+        assigned[cp + 1] = cat != "Cn"
+        if special[cp]:
             continue
-        cat = unicodedata.category(chr(cp))
-        if sea(cp) and cat[0] in "LM":
+        if sea[cp] and cat[0] in "LM":
             cls["S"].append(cp)  # South-East-Asian runs stay whole
-        elif han(cp):
+        elif han[cp]:
             cls["H"].append(cp)  # one token per ideograph
-        elif hira(cp):
+        elif hira[cp]:
             cls["I"].append(cp)  # one token per hiragana
-        elif kata(cp):
+        elif kata[cp]:
             cls["K"].append(cp)
         elif cat in ("Mn", "Me", "Mc") or (cat == "Cf" and cp != 0x200B):
             cls["X"].append(cp)  # WB4: Extend/Format/ZWJ attach to the character before
@@ -260,39 +251,86 @@ def _token_re():
             cls["N"].append(cp)
         elif cat == "Pc" or cp == 0x202F:
             cls["E"].append(cp)  # ExtendNumLet: '_' and friends join words
-        elif cat[0] == "L" or cat == "Nl" or _in(_EXTRA_LETTERS)(cp):
+        elif cat[0] == "L" or cat == "Nl" or extra[cp]:
             cls["L"].append(cp)
-    c = {k: _charclass(v) for k, v in cls.items()}
-    X = f"[{c['X']}]*+"
-    L, N, E, K = (f"[{c[k]}]{X}" for k in "LNEK")
-    ML = f"[{re.escape(_MID_LETTER + _MID_NUM_LET)}]{X}"
-    MN = f"[{re.escape(_MID_NUM + _MID_NUM_LET)}]{X}"
-    letters = f"{L}(?:(?:{ML})?{L})*"        # WB5-7: letters, single mid-letter punctuation inside
-    digits = f"{N}(?:(?:{MN})?{N})*"         # WB8, 11, 12: digits, single mid-number punctuation
-    core = f"(?:{K}(?:(?:{E})*{K})*|(?:{letters}|{digits})+)"  # WB9/10 glue letters and digits
-    word = f"(?:{E})*+{core}(?:(?:{E})+{core})*(?:{E})*"     # WB13a/b: connectors join, any side
-    # emoji: a pictograph (+ extend chars but not U+FE0F/ZWJ, + U+FE0F, + skin tone), ZWJ-joined
-    xe = _charclass([cp for cp in cls["X"] if cp not in (0xFE0E, 0xFE0F, 0x200D)])
-    pict, mods = _charclass(_ranges(_PICTOGRAPHIC)), _charclass(_ranges(_EMOJI_MODIFIERS))
-    one = f"(?:[{pict}][{xe}]*+\ufe0f?(?:[{mods}][{xe}]*+)?|[{mods}][{xe}]*+)"
-    ri = f"[{_charclass(_ranges(_REGIONAL_INDICATORS))}]{X}"
-    emoji = f"{one}(?:\u200d{one})*|{ri}{ri}"
-    sea_run = f"(?:[{c['S']}]{X})+"
-    junk = f"(?:{E})+"  # connector runs with nothing to join: consumed in one go, then dropped
-    _TOKEN_RE = re.compile(
-        f"{emoji}|{word}|{sea_run}|[{c['H']}]{X}|[{c['I']}]{X}|{junk}"
-    )
-    _JUNK_CHARS = frozenset(chr(cp) for cp in cls["E"] + cls["X"])
-    return _TOKEN_RE
+    cls["P"] = _ranges(_PICTOGRAPHIC)
+    cls["M"] = _ranges(_EMOJI_MODIFIERS)
+    cls["R"] = _ranges(_REGIONAL_INDICATORS)
+    cls["XE"] = [cp for cp in cls["X"] if cp not in (0xFE0E, 0xFE0F, 0x200D)]
+    _ASSIGNED = np.cumsum(assigned)
+    _CLASSES = cls
+    return cls
+
+
+def _charclass(cps):
+    # sorted code points -> regex class body made of ranges. Ranges are merged across gaps of
+    # unassigned code points: Python's re tests the astral (> U+FFFF) part of a class range by
+    # range, so fewer ranges make every character test faster.
+    parts = []
+    for cp in cps:
+        if parts and (cp == parts[-1][1] + 1 or (
+                cp < len(_ASSIGNED) and _ASSIGNED[cp] == _ASSIGNED[parts[-1][1] + 1])):
+            parts[-1][1] = cp
+        else:
+            parts.append([cp, cp])
+    esc = lambda cp: "\\U%08x" % cp
+    return "".join(esc(a) if a == b else f"{esc(a)}-{esc(b)}" for a, b in parts)
+
+
+def _token_re(limit=0x10FFFF):
+    """The StandardTokenizer grammar as one regex, for texts whose characters are all <= limit.
+    Restricting the classes to ASCII or to the BMP gives the same tokens on such texts, faster:
+    Python's re tests small classes with a bitmap, but astral ranges one by one."""
+    rx = _REGEXES.get(limit)
+    if rx is not None:
+        return rx
+    full = _classes()
+    c = {k: _charclass([cp for cp in v if cp <= limit]) for k, v in full.items()}
+    X = f"[{c['X']}]*+" if c["X"] else ""
+    # A word is matched as runs of [letter digit connector mark] glued by single mid-word
+    # punctuation, rather than char by char through nested groups (much faster in Python's re).
+    # Letter-digit adjacency (WB9/10) and connectors (WB13a/b) join freely, so they share a run;
+    # a mid-letter char (. ' : ...) joins only a letter to a letter, a mid-number char (. , ; ...)
+    # a digit to a digit: checked by looking back (past one mark at most) and one char ahead.
+    run = f"[{c['L']}{c['N']}{c['E']}][{c['L']}{c['N']}{c['E']}{c['X']}]*+"
+    ml = re.escape("".join(ch for ch in _MID_LETTER + _MID_NUM_LET if ord(ch) <= limit))
+    mn = re.escape("".join(ch for ch in _MID_NUM + _MID_NUM_LET if ord(ch) <= limit))
+    after = lambda k: f"(?:(?<=[{c[k]}])|(?<=[{c[k]}][{c['X']}]))" if c["X"] else f"(?<=[{c[k]}])"
+    mid = f"(?:{after('L')}[{ml}]{X}(?=[{c['L']}])|{after('N')}[{mn}]{X}(?=[{c['N']}]))"
+    alts = [f"{run}(?:{mid}{run})*"]
+    if c["K"]:
+        e = f"[{c['E']}]*+"
+        alts.append(f"{e}[{c['K']}]{X}(?:{e}[{c['K']}]{X})*{e}")
+    for k, rule in (("S", f"(?:[{c['S']}]{X})+"), ("H", f"[{c['H']}]{X}"), ("I", f"[{c['I']}]{X}")):
+        if c[k]:
+            alts.append(rule)  # South-East-Asian runs whole; one token per ideograph, per hiragana
+    if c["P"]:
+        # emoji: pictograph (+ marks but not U+FE0F/ZWJ, + U+FE0F, + skin tone), ZWJ-joined; flags
+        xe = f"[{c['XE']}]*+" if c["XE"] else ""
+        mods = f"(?:[{c['M']}]{xe})" if c["M"] else ""
+        one = f"(?:[{c['P']}]{xe}\\ufe0f?{mods + '?' if mods else ''}{'|' + mods if mods else ''})"
+        alts.append(f"{one}(?:\\u200d{one})*")
+        if c["R"]:
+            alts.append(f"[{c['R']}]{X}[{c['R']}]{X}")
+    rx = _REGEXES[limit] = re.compile("|".join(alts))
+    return rx
 
 
 def _ranges(ranges):
     return [cp for lo, hi in ranges for cp in range(lo, hi + 1)]
 
 
+_JUNK_CHARS = None  # connectors and marks: a token made only of these is no token
+
+
 def tokenize(text):
     """StandardTokenizer-like tokens of `text`, original case."""
-    regex = _token_re()
+    global _JUNK_CHARS
+    if not text:
+        return []
+    regex = _token_re(0x7F if text.isascii() else 0xFFFF if max(text) <= "\uffff" else 0x10FFFF)
+    if _JUNK_CHARS is None:
+        _JUNK_CHARS = frozenset(chr(cp) for cp in _classes()["E"] + _classes()["X"])
     out = []
     for tok in regex.findall(text):
         if tok[0] in _JUNK_CHARS and all(ch in _JUNK_CHARS for ch in tok):

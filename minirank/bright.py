@@ -91,6 +91,8 @@ def _hub_shards(config, split, token):
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
         r = requests.get(url, headers=headers, timeout=(10, 60))
+        if r.status_code == 404:  # no such config at all
+            return []
         r.raise_for_status()
         names = [Path(e["path"]).name for e in r.json() if isinstance(e, dict) and "path" in e]
     except (requests.RequestException, ValueError, KeyError, TypeError) as e:
