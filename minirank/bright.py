@@ -573,7 +573,8 @@ def main(argv=None):
     if args.cmd == "evaluate" and not (args.examples or args.qrels):
         ap.error("evaluate needs --examples or --qrels")
     try:
-        {"evaluate": _cmd_evaluate, "report": _cmd_report, "bm25": _cmd_bm25, "download": _cmd_download}[args.cmd](args)
+        commands = {"evaluate": _cmd_evaluate, "report": _cmd_report, "bm25": _cmd_bm25, "download": _cmd_download}
+        commands[args.cmd](args)
     except BrightError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -182,6 +182,14 @@ def test_top_k_ties_keep_corpus_order():
     assert top_k(scores, 4, exclude=[3]).tolist() == [1, 2, 5, 6]
     assert top_k(scores, 100, exclude=[0, 1]).tolist() == [3, 2, 5, 6, 4]  # zeros included, all scored
     assert top_k(scores, 0).tolist() == [] and top_k(np.zeros(0), 5).tolist() == []
+    rng = np.random.default_rng(0)
+    for _ in range(500):  # vs a stable Python sort, with many ties and exclusions
+        n = int(rng.integers(0, 40))
+        s = rng.choice([0.0, 1.0, 2.0, 0.5, rng.random()], size=n)
+        ex = rng.choice(n, size=int(rng.integers(0, n + 1)), replace=False) if n else []
+        k = int(rng.integers(0, 50))
+        ref = sorted((i for i in range(n) if i not in set(ex)), key=lambda i: -s[i])[:k]
+        assert top_k(s, k, ex).tolist() == ref
 
 
 def test_dictionary_pruning_equals_gensim():

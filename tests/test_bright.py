@@ -321,6 +321,8 @@ def test_bm25_runs_from_hub(hub, tmp_path, capsys):
     captured = capsys.readouterr()
     assert "pony.trec exists, skipping" in captured.err
     assert json.loads(captured.out)["ndcg@10"]["domains"]["pony"] == 0.0
+    assert main(["download", "--config", "gpt4_reason", "--domain", "pony"]) == 0
+    assert capsys.readouterr().out.strip().endswith("gpt4_reason/pony-00000-of-00001.parquet")
     single = tmp_path / "bio.trec"
     assert main(["bm25", "--domain", "biology", "--reasoning", "gpt4", "--out", str(single), "--quiet"]) == 0
     assert read_run(single) == reasoned
