@@ -14,11 +14,13 @@ Query tokens unknown to the corpus are dropped before |query| is counted, as gen
 
 Deviations, all small and documented here:
 - StandardTokenizer (UAX#29 word breaks, a JFlex grammar) is approximated by one regular expression
-  built from Python's Unicode tables (Unicode 14 rather than Lucene's 9); letters, digits,
-  connectors (_), mid-word punctuation (' . : between letters; , . ; ' between digits), CJK and
-  South-East-Asian handling and emoji sequences follow the grammar in simplified form; tokens longer than
-  255 characters are cut into 255-character pieces as Lucene does.
-- Scores are float64; BRIGHT's gensim similarity index rounds them to float32.
+  built from Python's Unicode tables (Unicode 14 rather than Lucene's 9). Letters, digits,
+  connectors (_), mid-word punctuation (' . : between letters; , . ; ' between digits), one token
+  per ideograph or hiragana, katakana and South-East-Asian runs, emoji sequences and the cut of
+  tokens longer than 255 chars follow the grammar; simplified: Hebrew quote rules, katakana joined
+  to letters by '_', and which rare symbols count as emoji.
+- Scores are float64; BRIGHT's gensim similarity index rounds them to float32 (so near-ties may
+  order differently).
 Everything else (stop set, possessives, Java-style per-character lowercasing, the Porter stemmer with
 Martin Porter's own departures exactly as Lucene's PorterStemmer, gensim's Dictionary pruning at
 2M terms) is reproduced exactly.

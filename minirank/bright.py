@@ -69,7 +69,10 @@ def local_files(root, config, split):
     d = Path(root) / config
     shards = sorted(d.glob(f"{glob_escape(split)}-*-of-*.parquet")) if d.is_dir() else []
     if shards:
-        return shards
+        # all of them or none: an interrupted multi-shard download must not pass for the split
+        n = int(re.search(r"-of-(\d+)\.parquet$", shards[0].name).group(1))
+        want = [d / f"{split}-{i:05d}-of-{n:05d}.parquet" for i in range(n)]
+        return want if all(p.is_file() for p in want) else []
     return [p for p in _candidates(root, config, split) if p.is_file()][:1]
 
 
@@ -125,6 +128,9 @@ def fetch(config, split, data_dir=None):
     try:
         for i, shard in enumerate(shards):
             dest = root / config / f"{split}-{shard}.parquet"
+            if dest.is_file():  # a shard finished by an earlier, interrupted call
+                paths.append(dest)
+                continue
             try:
                 paths.append(download_file(hub_url(config, split, shard), dest, token, desc=f"{config}/{split}"))
             except HubError as e:

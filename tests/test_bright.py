@@ -299,6 +299,12 @@ def test_hub_missing_split_and_shards(hub):
     FakeHub.files["/api/datasets/xlangai/BRIGHT/tree/main/long_documents"] = json.dumps(
         [{"type": "file", "path": f"long_documents/pony-0000{i}-of-00002.parquet"} for i in range(2)]).encode()
     assert load_documents("pony", long=True) == ([r["id"] for r in rows], [r["content"] for r in rows])
+    # an incomplete set of shards is not taken for the split: the missing one is fetched
+    cached = Path(bright.cache_dir()) / "long_documents"
+    (cached / "pony-00001-of-00002.parquet").unlink()
+    n = len(FakeHub.requests)
+    assert load_documents("pony", long=True)[0] == [r["id"] for r in rows]
+    assert [p for p, _ in FakeHub.requests[n:]][-1] == f"{hub}/long_documents/pony-00001-of-00002.parquet"
 
 
 def test_bm25_runs_from_hub(hub, tmp_path, capsys):
