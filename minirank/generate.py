@@ -5,8 +5,8 @@ one sequence contiguously from index 0, so a row's write index is its own length
 equals its cache index, and the decode mask is just `arange(S) <= pos[b]` — mixed prompt lengths
 need no padding bookkeeping at all.
 
-    prompt  --prefill (once per prompt, right-padded chunks)-->  prefix K/V + last logits
-    prefix  --copy into 1 slot (n=1) or n slots (a GRPO group)-->  rows in the decode batch
+    prompt  --prefill (once per prompt, right-padded chunks)-->  K/V straight into its first slot
+            --slot-to-slot copy for the other n-1 rows of a GRPO group (no recomputation)
     decode  --one token for every live slot per step-->  finished rows free their slot, the
               next waiting row takes it (continuous batching); with nothing waiting, the batch
               shrinks instead so finished rows cost nothing.
@@ -17,12 +17,10 @@ hash, so the samples of a row do not depend on batch_size, slot order or what el
 compiled graph.
 """
 
-import math
 from collections import deque
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 
 @dataclass
@@ -70,14 +68,18 @@ class _SlotView:
         return kb[:, :, :self.S], vb[:, :, :self.S]
 
 
-class _Stash:
-    """Prefill-time cache: attention runs over the chunk itself (plain causal); we keep the k/v."""
+class _PrefillView:
+    """Prefill-time cache: attention runs over the chunk itself (plain causal); each row's k/v go
+    straight into its slot. Pads' k/v land past the row's length, where decoding overwrites them
+    before any query is allowed to see them."""
 
-    def __init__(self):
-        self.k, self.v = {}, {}
+    def __init__(self, cache, slots):
+        self.cache, self.slots = cache, slots
 
     def update(self, i, k, v):
-        self.k[i], self.v[i] = k, v
+        T = k.shape[2]
+        self.cache.k[i][self.slots, :, :T] = k
+        self.cache.v[i][self.slots, :, :T] = v
         return k, v
 
 
@@ -112,33 +114,51 @@ def _uniform(key, rows, steps):
     return h.double() * 2.0 ** -32
 
 
+def _nucleus_candidates(logp, top_p):
+    """The most likely tokens, sorted, enough of them to hold every row's nucleus. A full sort of a
+    50k-150k vocabulary costs as much as a decode step on a CPU, while a nucleus is almost always a
+    few hundred tokens at most: try the top 256, widen x8 only for a batch where that is too little."""
+    V = logp.shape[-1]
+    k = V if torch.compiler.is_compiling() else min(V, 256)  # compiled: no data-dependent control flow
+    while True:
+        vals, idx = logp.topk(k, -1)  # sorted, descending
+        if k == V or bool((vals.exp().cumsum(-1, dtype=torch.float64)[:, -1] >= top_p).all()):
+            return vals, idx
+        k = min(V, 8 * k)
+
+
 def sample(logits, u, temperature=0.0, top_k=0, top_p=1.0):
     """logits [B, V] fp32 (unsampleable ids already -inf), u [B] uniforms ->
     (token [B], logprob at T=1 untruncated [B], logprob under the sampling distribution [B]).
 
-    temperature -> top-k -> top-p (keep the smallest prefix of the sorted distribution whose mass
-    reaches top_p; never empty), then inverse-CDF sampling with u in float64.
+    temperature -> top-k -> top-p (keep the smallest prefix of the sorted, top-k-renormalised
+    distribution whose mass reaches top_p; never empty), then inverse-CDF sampling with u in float64.
+    Few [B, V] temporaries on purpose: on a CPU each fresh one costs page faults, not just flops.
     """
     logp = torch.log_softmax(logits, -1)
     if temperature <= 0:
-        tok = logits.argmax(-1)
-        return tok, logp.gather(-1, tok[:, None])[:, 0], torch.zeros_like(logp[:, 0])
-    scores, idx = logits / temperature, None
-    if top_k > 0 and top_k < scores.shape[-1]:
+        tok = logits.argmax(-1, keepdim=True)
+        return tok[:, 0], logp.gather(-1, tok)[:, 0], torch.zeros_like(logp[:, 0])
+    V, idx = logits.shape[-1], None
+    scores = logits if temperature == 1 else logits / temperature
+    if 0 < top_k < V:
         scores, idx = scores.topk(top_k, -1)  # sorted, descending
+        slogp = torch.log_softmax(scores, -1)
+    else:
+        slogp = logp if temperature == 1 else torch.log_softmax(scores, -1)
     if top_p < 1.0:
         if idx is None:
-            scores, idx = scores.sort(-1, descending=True)
-        p = scores.softmax(-1).double()
-        drop = (p.cumsum(-1) - p) >= top_p  # the mass before this token already reaches top_p
+            slogp, idx = _nucleus_candidates(slogp, top_p)
+        p = slogp.exp()
+        drop = (p.cumsum(-1, dtype=torch.float64) - p) >= top_p  # mass before this token reaches top_p
         drop[:, 0] = False
-        scores = scores.masked_fill(drop, float("-inf"))
-    slogp = torch.log_softmax(scores, -1)
-    cdf = slogp.double().exp().cumsum(-1)
+        slogp = torch.log_softmax(slogp.masked_fill(drop, float("-inf")), -1)
+    # probabilities in fp32 (the model's own precision), accumulated in fp64 so the tail keeps its mass
+    cdf = slogp.exp().cumsum(-1, dtype=torch.float64)
     # first index whose cdf exceeds u*total: a token with zero mass can never be hit
     j = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp_(max=cdf.shape[-1] - 1)
-    tok = j[:, 0] if idx is None else idx.gather(-1, j)[:, 0]
-    return tok, logp.gather(-1, tok[:, None])[:, 0], slogp.gather(-1, j)[:, 0]
+    tok = j if idx is None else idx.gather(-1, j)
+    return tok[:, 0], logp.gather(-1, tok)[:, 0], slogp.gather(-1, j)[:, 0]
 
 
 def _logits(model, h):
@@ -167,21 +187,18 @@ def _compiled_step(device_type):
     return _compiled[device_type]
 
 
-def prefill(model, prompts, cache_rows=None):
-    """Run prompts (right-padded into one batch) -> per prompt (k list, v list, last logits [V]).
-    Right padding keeps every real token's position = its index, and plain causal attention never
-    lets a real token see a pad; pads' outputs are thrown away."""
+def prefill(model, prompts, cache, slots):
+    """Run prompts right-padded as one batch, writing prompt b's K/V into cache slot slots[b];
+    return the logits after each prompt's last token [B, V]. Right padding keeps every real
+    token's position = its index, and plain causal attention never lets a real token see a pad."""
     T = max(len(p) for p in prompts)
     ids = torch.zeros(len(prompts), T, dtype=torch.long)
     for b, p in enumerate(prompts):
         ids[b, :len(p)] = torch.tensor(p)
-    stash = _Stash()
-    h = model.hidden(ids.to(model.device), None, None, stash)
-    last = torch.tensor([len(p) - 1 for p in prompts], device=h.device)
-    logits = _logits(model, h[torch.arange(len(prompts), device=h.device), last])  # head only where needed
-    L = len(stash.k)
-    return [([stash.k[i][b, :, :len(p)] for i in range(L)], [stash.v[i][b, :, :len(p)] for i in range(L)], logits[b])
-            for b, p in enumerate(prompts)]
+    dev = model.device
+    h = model.hidden(ids.to(dev), None, None, _PrefillView(cache, torch.tensor(slots, device=dev)))
+    last = torch.tensor([len(p) - 1 for p in prompts], device=dev)
+    return _logits(model, h[torch.arange(len(prompts), device=dev), last])  # the LM head only where needed
 
 
 def _chunks(prompt_ids, lengths, budget):
@@ -198,6 +215,12 @@ def _chunks(prompt_ids, lengths, budget):
         yield chunk
 
 
+def _to_host(res):
+    """(tokens, logprobs, sample logprobs) -> [(int, float, float)] per row, in one device->host copy."""
+    tok, lp, slp = torch.stack([t.double() for t in res]).tolist()
+    return [(int(t), a, b) for t, a, b in zip(tok, lp, slp)]
+
+
 def _default_stop_ids(model, tokenizer):
     for src in (model, tokenizer):
         ids = getattr(src, "stop_ids", None)
@@ -210,7 +233,7 @@ def _default_stop_ids(model, tokenizer):
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0, stop_ids=None,
              seed=None, n=1, batch_size=None, stop_strings=None, tokenizer=None, compile=False,
-             prefill_tokens=2048, attn_block=64):
+             prefill_tokens=2048, admit_min=1):
     """Sample `n` completions of each prompt (lists of token ids); see `Generation` for the result.
 
     stop_ids: None -> the model's own eos/end-of-turn ids (model.stop_ids, else tokenizer.stop_ids,
@@ -219,6 +242,8 @@ def generate(model, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, top
       more rows than slots stream through them. seed: same seed -> same samples (None: drawn from
       torch's global RNG). compile: torch.compile the decode step (CUDA graphs on GPU); it then runs
       at a fixed batch and attends over the whole cache so shapes never change.
+    prefill_tokens: padded-token budget of one prefill batch. admit_min: refill only once this many
+      slots are free (prefills then share one pass over the weights; 1 = refill at once).
     """
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -245,14 +270,14 @@ def generate(model, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, top
     slots = min(batch_size or R, R)
     lengths = [len(p) for p in prompts]
     max_len = max(lengths) + max_new_tokens
-    max_len = -(-max_len // attn_block) * attn_block  # a multiple of the attention block
+    max_len = -(-max_len // 64) * 64
     cache = KVCache(model.config, slots, max_len, model.dtype, dev)
     step_fn = _compiled_step(dev.type) if compile else decode_step
     key = torch.tensor(_seed_key(seed), device=dev)
     samp = dict(key=key, temperature=temperature, top_k=top_k, top_p=top_p)
 
     waiting = deque(range(R))
-    prefixes = {}  # prompt -> (k, v, logits), kept while some of its rows still wait for a slot
+    saved = {}  # prompt -> (k, v, logits), kept only while some of its rows still wait for a slot
     left = {}  # prompt -> rows not yet admitted
     slot_row = [-1] * slots  # row in each slot; -1 = idle
     pos = [0] * slots  # where the slot's next fed token goes (= its sequence length so far)
@@ -275,34 +300,47 @@ def generate(model, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, top
     def admit():
         free = [s for s in range(B) if slot_row[s] < 0]
         take = [waiting.popleft() for _ in range(min(len(free), len(waiting)))]
-        need = sorted({r // n for r in take} - prefixes.keys())
-        for chunk in _chunks(need, lengths, prefill_tokens):
-            for p, pre in zip(chunk, prefill(model, [prompts[p] for p in chunk])):
-                prefixes[p], left[p] = pre, n
-            stats["prefill_tokens"] += sum(lengths[p] for p in chunk)
-        by_prompt = {}
+        by_prompt = {}  # prompt -> the slots its admitted rows get
         for r, s in zip(take, free):
-            by_prompt.setdefault(r // n, []).append((r, s))
-        for p, rs in by_prompt.items():
-            k, v, _ = prefixes[p]
-            idx = torch.tensor([s for _, s in rs], device=dev)
-            for i in range(len(k)):  # a group's n rows all copy the one prefill: no recomputation
-                cache.k[i][idx, :, :lengths[p]] = k[i]
-                cache.v[i][idx, :, :lengths[p]] = v[i]
-        # the first new token comes from the prefill's last logits
-        logits = torch.stack([prefixes[r // n][2] for r in take])
+            by_prompt.setdefault(r // n, []).append(s)
+        first = {}  # prompt -> logits after its last token
+        for chunk in _chunks([p for p in by_prompt if p not in saved], lengths, prefill_tokens):
+            logits = prefill(model, [prompts[p] for p in chunk], cache, [by_prompt[p][0] for p in chunk])
+            first.update(zip(chunk, logits))
+            left.update((p, n) for p in chunk)
+            stats["prefill_tokens"] += sum(lengths[p] for p in chunk)
+        for p, ss in by_prompt.items():
+            L = lengths[p]
+            if p in saved:  # a group admitted in pieces: its K/V were kept aside
+                k, v, first[p] = saved[p]
+            else:  # the first slot holds the fresh prefill
+                home, ss = ss[0], ss[1:]
+                k = [c[home, :, :L] for c in cache.k]
+                v = [c[home, :, :L] for c in cache.v]
+            for s in ss:  # the rest of a GRPO group copies the one prefill: no recomputation
+                for i in range(len(k)):
+                    cache.k[i][s, :, :L] = k[i]
+                    cache.v[i][s, :, :L] = v[i]
+            left[p] -= len(by_prompt[p])
+            if left[p] and p not in saved:  # more rows than free slots: keep the prompt's K/V
+                saved[p] = ([t.clone() for t in k], [t.clone() for t in v], first[p])
+            elif not left[p]:
+                saved.pop(p, None)
+                del left[p]
+        # the first new token of every row comes from its prompt's last logits
+        logits = torch.stack([first[r // n] for r in take])
         rows = torch.tensor(take, device=dev)
         res = sample(logits, _uniform(key, rows, torch.zeros_like(rows)), temperature, top_k, top_p)
-        for r, s, tok, lp, slp in zip(take, free, *(t.tolist() for t in res)):
-            p = r // n
-            left[p] -= 1
-            if left[p] == 0:
-                del prefixes[p], left[p]
+        for r, s, (tok, lp, slp) in zip(take, free, _to_host(res)):
             if not push(r, tok, lp, slp):
-                slot_row[s], pos[s], cur[s] = r, lengths[p], tok
+                slot_row[s], pos[s], cur[s] = r, lengths[r // n], tok
 
     while True:
-        while waiting and -1 in slot_row[:B]:
+        # refill free slots. A prefill reads every weight once, like a decode step, so on a CPU
+        # prefilling several prompts together is much cheaper than one by one; a slot idling a few
+        # steps costs little (a decode step's price hardly depends on the batch)
+        while waiting and 0 < (free := slot_row[:B].count(-1)) and (
+                free >= min(admit_min, len(waiting)) or free == B):
             admit()  # loops: a row can finish on its very first token and free its slot again
         live = [s for s in range(B) if slot_row[s] >= 0]
         if not live:
@@ -317,14 +355,15 @@ def generate(model, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, top
         if compile:
             S = max_len  # one shape forever: a single graph to capture
         else:
-            S = min(max_len, -(-(max(pos[:B]) + 1) // attn_block) * attn_block)
+            # eager: attend over the longest live row only (rounded to 8), not the whole cache
+            S = min(max_len, -(-(max(pos[:B]) + 1) // 8) * 8)
         rows = [max(slot_row[s], 0) for s in range(B)]
         res = step_fn(model, cache.k, cache.v, torch.tensor(cur[:B], device=dev),
                       torch.tensor(pos[:B], device=dev), S, torch.tensor(rows, device=dev),
                       torch.tensor([len(tokens[r]) for r in rows], device=dev), **samp)
         stats["decode_steps"] += 1
         stats["decode_rows"] += B
-        for s, tok, lp, slp in zip(range(B), *(t.tolist() for t in res)):
+        for s, (tok, lp, slp) in enumerate(_to_host(res)):
             r = slot_row[s]
             if r < 0:
                 continue  # an idle slot computed garbage at position 0 (compiled: fixed batch)
