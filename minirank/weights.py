@@ -72,16 +72,35 @@ def read_header(file: Path) -> tuple[dict, int]:
     return header, data_start
 
 
-def read_tensor(f, info: dict, data_start: int) -> torch.Tensor:
-    """Read one tensor with a single readinto() into a fresh buffer: no mmap, no intermediate copy."""
+STAGING_BYTES = 1 << 24  # converting dtype/device goes through a buffer this size, not a full copy
+
+
+def read_tensor(f, info: dict, data_start: int, dtype=None, device="cpu") -> torch.Tensor:
+    """Read one tensor into a fresh buffer of `dtype` on `device`: with plain reads (no mmap), and
+    with no full-size intermediate when the file's dtype differs (a fp32 file loaded as bf16 would
+    otherwise hold both for the largest tensor, and leave the allocator fragmented)."""
     if info["dtype"] not in DTYPES:
         raise CheckpointError(f"unsupported safetensors dtype {info['dtype']}")
-    start, end = info["data_offsets"]
-    t = torch.empty(info["shape"], dtype=DTYPES[info["dtype"]])
-    if end > start:
-        f.seek(data_start + start)
-        f.readinto(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-    return t
+    src = DTYPES[info["dtype"]]
+    out = torch.empty(info["shape"], dtype=dtype or src, device=device)
+    f.seek(data_start + info["data_offsets"][0])
+    flat = out.reshape(-1)
+
+    def fill(t):
+        mv = memoryview(t.view(torch.uint8).numpy())
+        if f.readinto(mv) != len(mv):
+            raise CheckpointError(f"{f.name}: file ended inside a tensor (changed while loading?)")
+
+    if out.dtype == src and out.device.type == "cpu":
+        fill(flat)  # straight into place
+        return out
+    step = max(1, STAGING_BYTES // src.itemsize)
+    buf = torch.empty(min(step, flat.numel()), dtype=src)
+    for i in range(0, flat.numel(), step):
+        n = min(step, flat.numel() - i)
+        fill(buf[:n])
+        flat[i:i + n].copy_(buf[:n])  # converts dtype and/or moves to the device
+    return out
 
 
 def checkpoint_files(path: Path) -> list[Path]:
@@ -131,7 +150,7 @@ def load_model(path: str | Path, dtype=torch.float32, device="cpu") -> Transform
         header, data_start = headers[file]
         with open(file, "rb") as f:
             for name in names:
-                t = read_tensor(f, header[name], data_start).to(device=device, dtype=dtype)
+                t = read_tensor(f, header[name], data_start, dtype, device)
                 module_name, _, leaf = name.rpartition(".")
                 setattr(model.get_submodule(module_name), leaf, nn.Parameter(t))
     model.eval()
