@@ -371,3 +371,16 @@ def test_smollm2_stop_string(smol):
     out = generate(model, [p], max_new_tokens=64, stop_strings=[" 5"], tokenizer=tok)
     assert out.finish_reasons == ["stop"] and out.texts[0].endswith(" 5"), out.texts
     assert " 5" not in tok.decode(out.tokens[0][:-1])
+
+
+def test_watch_ids_are_full_forward_logprobs():
+    model, _ = tiny(head_scale=3.0)
+    prompts = rand_prompts([4, 15, 9])
+    watch = [1, 5, 42]
+    out = generate(model, prompts, max_new_tokens=8, stop_ids=[7], batch_size=2, watch_ids=watch, temperature=1.0,
+                   seed=2)
+    for p, toks, w in zip(prompts, out.tokens, out.watched):
+        assert len(w) == len(toks)
+        with torch.no_grad():
+            ref = torch.log_softmax(model(torch.tensor([p + toks])).float()[0, len(p) - 1:-1], -1)[:, watch]
+        assert (ref - torch.tensor(w)).abs().max().item() < 2e-5
