@@ -181,3 +181,19 @@ def test_save_real_model_with_tokenizer(smol_dir, tmp_path):
         assert torch.equal(ref(torch.tensor([ids])).logits, model(torch.tensor([ids])))
     again, tok2 = minirank.load(tmp_path, dtype=torch.bfloat16)
     assert tok2.chat(msgs) == ids and tok2.stop_ids == tok.stop_ids
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    model = ours_from(reference(QWEN2), QWEN2).train()
+    ids = torch.randint(0, 640, (2, 48))
+
+    def grads():
+        model.zero_grad()
+        logits = model(ids[:, :-1])
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
+        return {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    plain = grads()
+    model.gradient_checkpointing = True
+    ckpt = grads()
+    assert all(torch.allclose(plain[k], ckpt[k], atol=1e-6) for k in plain)
