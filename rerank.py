@@ -12,6 +12,7 @@ order). With qrels, prints nDCG@10 of the first stage and of the reranked run.
 """
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 
 import minirank
 from minirank import bright
+from minirank.prompts import INSTRUCTIONS
 from minirank.rerank import rerank_run
 
 DEMO = Path(__file__).resolve().parent / "demo"
@@ -42,6 +44,19 @@ def read_jsonl(path: Path, text_fields: tuple[str, ...]) -> dict[str, str]:
                 raise bright.BrightError(f"{path}:{n}: expected a JSON object with 'id' and one of "
                                          f"{text_fields}") from None
     return out
+
+
+def check_settings(out: Path, settings: dict) -> None:
+    """Resuming is only sound with the same model, run and settings: refuse to mix two jobs in one dir."""
+    f = out / "settings.json"
+    if f.is_file():
+        before = json.loads(f.read_text())
+        if before != settings:
+            diff = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
+            raise bright.BrightError(f"{out} holds a job with other settings {diff} (was, now): "
+                                     f"use another --out, or delete {out} to start over")
+    out.mkdir(parents=True, exist_ok=True)
+    f.write_text(json.dumps(settings, indent=1))
 
 
 def main(argv=None):
@@ -86,6 +101,9 @@ def main(argv=None):
     # excluded ids never reach the reranker (BRIGHT removes them before ranking)
     first = {q: {d: s for d, s in ds.items() if d not in excluded.get(q, ())} for q, ds in first.items()}
 
+    check_settings(args.out, {"model": str(args.model), "run": str(args.run), "top_k": args.top_k,
+                              "max_new_tokens": args.max_new_tokens, "dtype": args.dtype,
+                              "prompt": hashlib.sha256(INSTRUCTIONS.encode()).hexdigest()[:12]})
     model, tok = minirank.load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     reranked = rerank_run(model, tok, queries, docs, first, args.out / "judgements.jsonl", top_k=args.top_k,
                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, compile=args.compile)

@@ -85,3 +85,19 @@ def test_watched_logprobs_equal_a_full_forward(smol):
             logp = torch.log_softmax(model(torch.tensor([p + toks]))[0].float(), -1)
         want = logp[len(p) - 1: len(p) - 1 + len(toks), watch]
         assert len(w) == len(toks) and (torch.tensor(w) - want).abs().max() < 1e-4
+
+
+def test_rerank_script_runs_the_bundled_demo(smol_dir, tmp_path):
+    """The README's main job, end to end (short completions to keep it quick)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(repo / "rerank.py"), "--model", str(smol_dir), "--out", str(tmp_path), "--max-new-tokens", "16"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert "nDCG@10  first stage 58.1  ->  reranked" in res.stdout
+    lines = (tmp_path / "run.trec").read_text().splitlines()
+    assert len(lines) == 15 and {l.split()[0] for l in lines} == {"q1", "q2", "q3"}
+    res = subprocess.run(cmd[:-1] + ["17"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 1 and "holds a job with other settings" in res.stderr
