@@ -21,6 +21,7 @@ import torch
 
 import minirank
 from minirank import bright
+from minirank.hub import HubError
 from minirank.prompts import INSTRUCTIONS
 from minirank.rerank import rerank_run
 
@@ -123,5 +124,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (bright.BrightError, minirank.CheckpointError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, HubError) as e:  # bad input: say what and where, no traceback
         sys.exit(f"error: {e}")
