@@ -22,7 +22,7 @@ import torch
 import minirank
 from minirank import bright
 from minirank.hub import HubError
-from minirank.prompts import INSTRUCTIONS
+from minirank.prompts import prompt_hash
 from minirank.rerank import rerank_run
 
 DEMO = Path(__file__).resolve().parent / "demo"
@@ -96,7 +96,7 @@ def main(argv=None):
 
     check_settings(args.out, {"model": str(args.model), "run": str(args.run), "top_k": args.top_k,
                               "max_new_tokens": args.max_new_tokens, "dtype": args.dtype,
-                              "prompt": hashlib.sha256(INSTRUCTIONS.encode()).hexdigest()[:12]})
+                              "prompt": prompt_hash()})
     model, tok = minirank.load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     reranked = rerank_run(model, tok, queries, docs, first, args.out / "judgements.jsonl", top_k=args.top_k,
                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, compile=args.compile)

@@ -164,10 +164,7 @@ def sample(logits, u, temperature=0.0, top_k=0, top_p=1.0):
 
 
 def _logits(model, h):
-    logits = model.head(h).float()
-    if model.n_tokens < logits.shape[-1]:
-        logits[..., model.n_tokens:] = float("-inf")  # embedding rows with no token behind them
-    return logits
+    return model.head(h).float()  # over real tokens only: model.head leaves out padded embedding rows
 
 
 def _sample_watch(logits, u, temperature, top_k, top_p, watch):

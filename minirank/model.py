@@ -263,8 +263,31 @@ class Transformer(nn.Module):
         return self.model.norm(x)
 
     def head(self, h):
+        """Logits over the tokenizer's tokens [..., n_tokens]. Embedding rows past n_tokens (Qwen2.5
+        pads 151,665 tokens to 151,936 rows) get no logit at all, so no caller — sampler, trainer,
+        reranker — can sample them or spread probability mass over them: they agree by construction."""
         w = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h, w)
+        return F.linear(h, w[: self.n_tokens])
+
+    def token_logprobs(self, h, targets, chunk: int = 1024):
+        """log p(targets) [N] from hidden states h [N, hidden] (only the positions that carry a loss).
+
+        The LM head and log-softmax run `chunk` rows at a time, in fp32. Under autograd each chunk is
+        checkpointed: its [chunk, vocab] logits are freed after the forward and recomputed in the
+        backward, so a 128k vocabulary never holds [N, vocab] fp32 for a whole batch. Same ops as the
+        sampler (head -> float -> log_softmax), so sampler and trainer log-probs agree."""
+        out = []
+        for i in range(0, h.shape[0], chunk):
+            hc, tc = h[i:i + chunk], targets[i:i + chunk]
+            if torch.is_grad_enabled() and hc.requires_grad:
+                out.append(checkpoint(self._chunk_logprobs, hc, tc, use_reentrant=False))
+            else:
+                out.append(self._chunk_logprobs(hc, tc))
+        return torch.cat(out) if out else h.new_zeros(0, dtype=torch.float32)
+
+    def _chunk_logprobs(self, h, targets):
+        logp = torch.log_softmax(self.head(h).float(), dim=-1)
+        return logp.gather(-1, targets[:, None])[:, 0]
 
     def forward(self, input_ids, positions=None, mask=None, cache=None):
         return self.head(self.hidden(input_ids, positions, mask, cache))
