@@ -1,0 +1,407 @@
+"""Teacher data: StackExchange questions + documents (the pages their answers link to, or the answers
+themselves) + one BM25 negative per question -> a teacher's explanation and 0/1/2 label per pair.
+
+    python train.py data --posts Posts.xml --out DIR (--teacher-url URL --teacher-model NAME | --teacher SPEC)
+
+Stages: questions (stackexchange.py: two streaming passes) -> documents (crawl.py, cached on disk; or
+--documents answers: no web at all) -> negatives (bm25.py over every question's documents) -> teacher
+(teacher.py) -> DIR/pairs.jsonl, train.jsonl, val.jsonl, summary.json.
+
+Resuming: every labelled (or failed) pair is appended to pairs.jsonl and fsync'ed as it completes;
+pages live in the page cache. Rerunning the same command redoes the cheap deterministic stages
+(reading, BM25), skips every pair already in pairs.jsonl and labels the rest. settings.json holds the
+settings that decide the output; a run dir written with other settings is refused. train/val/summary
+are recomputed from pairs.jsonl + page cache at the end of every run, so they always add up.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+from . import prompts
+from .crawl import USER_AGENT, Crawler, PageCache
+from .stackexchange import BrightFilter, DumpError, read_questions
+from .teacher import APITeacher, LocalTeacher, TeacherFatal
+
+
+class UsageError(Exception):
+    """Bad input or settings: one line, exit status 2."""
+
+
+def _bright_default() -> str | None:
+    env = os.environ.get("MINIRANK_BRIGHT")
+    if env:
+        return env
+    p = Path(__file__).resolve().parent.parent.parent / "shared" / "bright"
+    return str(p) if p.is_dir() else None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="train.py data",
+        description="Make teacher-labelled (question, document) training pairs from a StackExchange dump. "
+                    "Resumable: rerun the same command after any interruption.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = ap.add_argument_group("input and output")
+    g.add_argument("--posts", required=True, help="the dump's Posts.xml (.xml or .xml.gz; extract .7z archives first)")
+    g.add_argument("--out", required=True, help="run directory: pairs.jsonl, train.jsonl, val.jsonl, summary.json, settings.json")
+    g.add_argument("--format", choices=prompts.FORMATS, default="explain",
+                   help="explain: the teacher explains, then labels (InteRank); label: the label line only "
+                        "(train/val keep an empty explanation)")
+    g.add_argument("--val-fraction", type=float, default=0.05,
+                   help="share of questions (not pairs) in val.jsonl; a question is never on both sides")
+    g = ap.add_argument_group("questions")
+    g.add_argument("--min-score", type=int, default=None, help="keep questions with at least this score")
+    g.add_argument("--require-accepted", action="store_true", help="keep only questions with an accepted answer")
+    g.add_argument("--tags", default=None, help="comma-separated: keep questions carrying any of these tags")
+    g.add_argument("--max-questions", type=int, default=None, help="stop after this many kept questions (file order)")
+    g.add_argument("--exclude-bright", nargs="?", const="default", default=None, metavar="DIR",
+                   help="drop questions that are BRIGHT test queries (DIR/examples/*.jsonl.gz; without DIR: "
+                        "$MINIRANK_BRIGHT, else ../shared/bright next to the repository)")
+    g = ap.add_argument_group("documents")
+    g.add_argument("--documents", choices=("web", "answers"), default="web",
+                   help="web: the pages the answers link to (the paper's data); answers: the question's own "
+                        "answers as documents (accepted first), needs no network at all")
+    g.add_argument("--max-docs", type=int, default=8,
+                   help="documents per question (links, or answers), accepted answer's first, then by answer score")
+    g.add_argument("--no-negatives", action="store_true",
+                   help="skip the extra BM25 negative per question (best match among other questions' documents)")
+    g = ap.add_argument_group("crawling (--documents web)")
+    g.add_argument("--cache", default=None, help="page cache directory (default: OUT/pages); share it between runs")
+    g.add_argument("--offline", action="store_true", help="fetch nothing: use cached pages only, count the rest as 'offline'")
+    g.add_argument("--refetch-failed", action="store_true", help="fetch again the pages whose failure is cached")
+    g.add_argument("--fetch-workers", type=int, default=32, help="requests in flight over all hosts")
+    g.add_argument("--host-delay", type=float, default=1.0,
+                   help="seconds between requests to one host (robots.txt Crawl-delay wins if longer)")
+    g.add_argument("--fetch-timeout", type=float, default=20.0, help="connect/read timeout per request, seconds")
+    g.add_argument("--max-page-bytes", type=int, default=2_000_000, help="pages larger than this are refused")
+    g.add_argument("--max-redirects", type=int, default=5, help="redirect hops followed per link")
+    g.add_argument("--fetch-retries", type=int, default=3, help="retries on 429/5xx/timeouts/connection errors")
+    g.add_argument("--user-agent", default=USER_AGENT, help="User-Agent sent, and matched against robots.txt")
+    g = ap.add_argument_group("teacher")
+    g.add_argument("--teacher-url", default=None, help="OpenAI-compatible server, e.g. http://localhost:8000/v1")
+    g.add_argument("--teacher-model", default=None, help="model name sent to --teacher-url")
+    g.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                   help="environment variable holding the API key (never logged or written)")
+    g.add_argument("--teacher", default=None, metavar="SPEC",
+                   help="local teacher: any model minirank.load accepts (dir, .gguf, pypi:PKG, org/name)")
+    g.add_argument("--inflight", type=int, default=16, help="API requests in flight")
+    g.add_argument("--max-tokens", type=int, default=1024, help="longest teacher answer, tokens")
+    g.add_argument("--teacher-retries", type=int, default=6,
+                   help="retries on 429/5xx/timeouts/connection errors/malformed responses (exponential backoff, Retry-After)")
+    g.add_argument("--parse-retries", type=int, default=2, help="API retries of an answer without a parseable label")
+    g.add_argument("--request-timeout", type=float, default=120.0, help="seconds per API request")
+    g.add_argument("--retry-failed", action="store_true",
+                   help="label again the pairs recorded as failed (e.g. after the server was down)")
+    g.add_argument("--batch-size", type=int, default=16, help="local teacher: sequences decoded together")
+    g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="local teacher dtype")
+    g.add_argument("--device", default="cpu", help="local teacher device (cpu, cuda)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    return ap
+
+
+# ----------------------------------------------------------------------------------------------
+# run directory: settings fingerprint, pairs.jsonl
+
+
+def _settings(args) -> dict:
+    """What decides the output. Speed/politeness knobs (workers, delays, timeouts, retries) may change
+    between runs; these may not."""
+    posts = Path(args.posts).resolve()
+    return {
+        "posts": str(posts), "posts_bytes": posts.stat().st_size,
+        "documents": args.documents, "format": args.format, "prompt_hash": prompts.prompt_hash(args.format),
+        "min_score": args.min_score, "require_accepted": args.require_accepted, "tags": args.tags,
+        "max_questions": args.max_questions, "exclude_bright": args.exclude_bright,
+        "max_docs": args.max_docs, "negatives": not args.no_negatives, "max_doc_chars": prompts.MAX_DOC_CHARS,
+        "teacher": args.teacher or args.teacher_model, "max_tokens": args.max_tokens,
+        "val_fraction": args.val_fraction,
+    }
+
+
+def _check_settings(out: Path, settings: dict):
+    p = out / "settings.json"
+    if p.exists():
+        try:
+            old = json.loads(p.read_text())
+        except ValueError:
+            raise UsageError(f"{p}: unreadable settings file") from None
+        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        if diff:
+            d = ", ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in diff[:4])
+            raise UsageError(f"{out} was written with other settings ({d}); use a new --out")
+    else:
+        _write_json(p, settings)
+
+
+def _write_json(path: Path, obj):
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_pairs(path: Path) -> dict[str, dict]:
+    """Last record per pair id. A torn last line (the run was killed mid-write) is cut off."""
+    recs = {}
+    if not path.exists():
+        return recs
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        cut = data.rfind(b"\n") + 1
+        with open(path, "r+b") as f:
+            f.truncate(cut)
+        data = data[:cut]
+    for n, line in enumerate(data.decode("utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+            pid = r["pair_id"]
+        except (ValueError, KeyError, TypeError):
+            raise UsageError(f"{path}:{n}: not a pair record") from None
+        if pid in recs and recs[pid].get("label") is not None:
+            continue  # a labelled pair is final
+        recs[pid] = r
+    return recs
+
+
+# ----------------------------------------------------------------------------------------------
+# pipeline
+
+
+def _progress(args):
+    return not args.quiet
+
+
+def make_teacher(args):
+    if bool(args.teacher) == bool(args.teacher_url):
+        raise UsageError("give either --teacher-url URL --teacher-model NAME, or --teacher SPEC")
+    if args.teacher:
+        return LocalTeacher(args.teacher, args.format, args.batch_size, args.max_tokens, args.dtype, args.device)
+    if not args.teacher_model:
+        raise UsageError("--teacher-url needs --teacher-model NAME")
+    key = os.environ.get(args.api_key_env) or None
+    t = APITeacher(args.teacher_url, args.teacher_model, key, args.format, args.inflight, args.max_tokens,
+                   args.teacher_retries, args.parse_retries, args.request_timeout, key_env=args.api_key_env)
+    t.check()
+    return t
+
+
+def documents(args, questions, out: Path):
+    """{qid: [(doc id, kind)]} in priority order, a text getter, and link statistics."""
+    per_q, links = {}, {"found": 0, "unique": 0, "used": 0, "status": {}}
+    if args.documents == "answers":
+        texts = {}
+        for q in questions:
+            docs = []
+            for a in q.ordered_answers():
+                if a.text.strip() and len(docs) < args.max_docs:
+                    did = f"answer:{a.id}"
+                    texts[did] = a.text
+                    docs.append((did, "accepted" if a.id == q.accepted_id else "answer"))
+            per_q[q.id] = docs
+        return per_q, texts.get, links
+    cache = PageCache(args.cache or out / "pages")
+    want = {}
+    for q in questions:
+        ql = q.links()
+        links["found"] += sum(len(a.links) for a in q.answers)
+        want[q.id] = ql[: args.max_docs]
+    used = list(dict.fromkeys(u for v in want.values() for u in v))
+    links["unique"] = len({u for q in questions for a in q.answers for u in a.links})
+    links["used"] = len(used)
+    crawler = Crawler(cache, delay=args.host_delay, workers=args.fetch_workers, timeout=args.fetch_timeout,
+                      max_bytes=args.max_page_bytes, max_redirects=args.max_redirects, retries=args.fetch_retries,
+                      user_agent=args.user_agent)
+    status = crawler.crawl(used, offline=args.offline, refetch_failed=args.refetch_failed, progress=_progress(args))
+    links["status"] = dict(Counter(status.values()))
+    for q in questions:
+        per_q[q.id] = [(u, "linked") for u in want[q.id] if status.get(u) == "ok"]
+
+    def text(url):
+        p = cache.get(url)
+        return p.text if p is not None and p.status == "ok" else None
+    return per_q, text, links
+
+
+def negatives(questions, per_q, text, progress=False) -> dict[str, str]:
+    """{qid: doc id}: the best BM25 match for the question among the documents of other questions
+    (a document whose text equals one of the question's own is skipped too)."""
+    from .bm25 import build_index, top_k
+    ids = list(dict.fromkeys(d for docs in per_q.values() for d, _ in docs))
+    if len(ids) < 2:
+        return {}
+    cut = [(text(d) or "")[: prompts.MAX_DOC_CHARS] for d in ids]
+    digest = {d: hashlib.sha1(t.encode()).digest() for d, t in zip(ids, cut)}
+    index = build_index(cut, ids, progress=progress)
+    del cut
+    neg = {}
+    qs = [q for q in questions if per_q.get(q.id)]
+    if progress:
+        from tqdm import tqdm
+        qs = tqdm(qs, desc="negatives", unit="q")
+    for q in qs:
+        own = {d for d, _ in per_q[q.id]}
+        own_text = {digest[d] for d in own}
+        scores = index.score(q.query)
+        for i in top_k(scores, k=len(own) + 20):
+            d = ids[i]
+            # nothing lexically close (all zeros): the first other document still makes a negative
+            if d not in own and digest[d] not in own_text:
+                neg[q.id] = d
+                break
+    return neg
+
+
+def is_val(qid: str, fraction: float) -> bool:
+    h = int.from_bytes(hashlib.sha1(f"split:{qid}".encode()).digest()[:8], "big")
+    return h / 2 ** 64 < fraction
+
+
+def run(args) -> int:
+    posts = Path(args.posts)
+    if not posts.is_file():
+        raise UsageError(f"{posts}: no such file")
+    if not 0 <= args.val_fraction < 1:
+        raise UsageError("--val-fraction must be in [0, 1)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    exclude = None
+    if args.exclude_bright is not None:
+        bdir = _bright_default() if args.exclude_bright == "default" else args.exclude_bright
+        if not bdir:
+            raise UsageError("--exclude-bright: no BRIGHT directory given and none found "
+                             "(set $MINIRANK_BRIGHT or pass DIR)")
+        args.exclude_bright = str(Path(bdir).resolve())
+        exclude = BrightFilter(bdir)
+    settings = _settings(args)
+    teacher = make_teacher(args)  # fail fast (unreachable, 401, unknown model) before hours of crawling
+    _check_settings(out, settings)
+    progress = _progress(args)
+
+    tags = [t.strip() for t in args.tags.split(",") if t.strip()] if args.tags else None
+    questions, st = read_questions(posts, args.min_score, args.require_accepted, tags, args.max_questions,
+                                   exclude, progress=progress)
+    per_q, text, links = documents(args, questions, out)
+    neg = {} if args.no_negatives else negatives(questions, per_q, text, progress)
+
+    # every pair of the run, in a fixed order; a negative's id does not name its document, so a
+    # rerun that picks another negative (more pages fetched since) never labels a second one
+    plan = []
+    for q in questions:
+        for d, kind in per_q.get(q.id, ()):
+            plan.append((f"{q.id}|{d}", q, d, kind))
+        if q.id in neg:
+            plan.append((f"{q.id}|negative", q, neg[q.id], "negative"))
+    pairs_path = out / "pairs.jsonl"
+    done = read_pairs(pairs_path)
+    todo = [p for p in plan if p[0] not in done or (args.retry_failed and done[p[0]].get("label") is None)]
+    by_id = {p[0]: p for p in todo}
+
+    def items():
+        for pid, q, d, _ in todo:
+            yield pid, q.query, (text(d) or "")[: prompts.MAX_DOC_CHARS]
+
+    phash = prompts.prompt_hash(args.format)
+    fatal = None
+    if todo:
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=len(todo), desc="teacher", unit="pair")
+        with open(pairs_path, "a", encoding="utf-8") as f:
+            try:
+                for pid, res in teacher.label(items()):
+                    _, q, d, kind = by_id[pid]
+                    rec = {"pair_id": pid, "question_id": q.id, "query": q.query, "url": d, "kind": kind,
+                           "document": (text(d) or "")[: prompts.MAX_DOC_CHARS],
+                           "explanation": res.explanation if res.label is not None else "",
+                           "label": res.label, "teacher": teacher.name, "prompt_hash": phash, "format": args.format,
+                           "failure": res.failure, "detail": res.detail or None, "attempts": res.attempts,
+                           "usage": res.usage}
+                    if res.label is None:
+                        rec["raw"] = res.text[-2000:]
+                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                    if bar is not None:
+                        bar.update(1)
+            except TeacherFatal as e:
+                fatal = e
+        if bar is not None:
+            bar.close()
+
+    summary = finish(out, args, st, links, plan, teacher.name)
+    if fatal is not None:
+        raise fatal
+    if not args.quiet:
+        print(f"wrote {out}/train.jsonl ({summary['split']['train_pairs']} pairs), val.jsonl "
+              f"({summary['split']['val_pairs']}), summary.json", file=sys.stderr)
+    return 0
+
+
+def finish(out: Path, args, st, links, plan, teacher_name) -> dict:
+    """train/val + summary, recomputed from pairs.jsonl (every run ends here, so they always agree)."""
+    recs = read_pairs(out / "pairs.jsonl")
+    planned = {p[0] for p in plan}
+    train, val = [], []
+    labels, fails, kinds = Counter(), Counter(), Counter()
+    usage = Counter()
+    attempts = 0
+    for pid, r in recs.items():
+        usage.update(r.get("usage") or {})
+        attempts += r.get("attempts") or 0
+        if r.get("label") is None:
+            fails[r.get("failure") or "unknown"] += 1
+            continue
+        labels[r["label"]] += 1
+        kinds[r["kind"]] += 1
+        row = {"query": r["query"], "document": r["document"], "explanation": r["explanation"],
+               "label": r["label"], "question_id": r["question_id"], "url": r["url"], "kind": r["kind"]}
+        (val if is_val(r["question_id"], args.val_fraction) else train).append(row)
+    for name, rows in (("train.jsonl", train), ("val.jsonl", val)):
+        tmp = out / (name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, out / name)
+    n_lab = sum(labels.values())
+    summary = {
+        "questions": {"read": st.questions, "answers_read": st.answers, "filtered": st.filtered,
+                      "excluded_bright": st.excluded, "kept": st.kept, "answers_of_kept": st.answers_kept,
+                      "with_documents": len({p[1].id for p in plan})},
+        "documents": args.documents,
+        "links": links if args.documents == "web" else None,
+        "pairs": {"planned": len(plan), "labelled": n_lab, "failed": sum(fails.values()),
+                  "pending": len(planned - set(recs)), "not_in_plan": len(set(recs) - planned),
+                  "labelled_by_kind": dict(kinds)},
+        "labels": {str(k): labels[k] for k in prompts.LABELS},
+        "teacher": {"name": teacher_name, "format": args.format, "prompt_hash": prompts.prompt_hash(args.format),
+                    "failures": dict(fails), "requests": attempts,
+                    "prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"]},
+        "split": {"train_pairs": len(train), "val_pairs": len(val),
+                  "train_questions": len({r["question_id"] for r in train}),
+                  "val_questions": len({r["question_id"] for r in val})},
+    }
+    _write_json(out / "summary.json", summary)
+    return summary
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (UsageError, DumpError, TeacherFatal) as e:
+        print(f"train.py data: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("train.py data: interrupted; rerun the same command to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""StackExchange data dumps: stream `Posts.xml` (any size, constant memory) into questions with their
+answers, and turn post HTML into plain text.
+
+A dump's Posts.xml is one `<posts>` element holding one `<row .../>` per post, every field an
+attribute: `PostTypeId` 1 = question (Title, Body, Tags like `<a><b>`, Score, AcceptedAnswerId),
+2 = answer (ParentId, Body, Score). Bodies are HTML, escaped once more as XML attribute text. Rows are
+in Id order in the official dumps, but nothing here relies on it: questions are read in a first pass,
+their answers in a second, so an answer may come before or after its question. Each pass is an
+`iterparse` stream whose rows are cleared as soon as they are read; what stays in memory is only the
+kept questions (bounded by `max_questions`) and their answers.
+"""
+
+import gzip
+import re
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
+from pathlib import Path
+
+
+class DumpError(ValueError):
+    """The file is not a readable StackExchange Posts.xml."""
+
+
+@dataclass
+class Answer:
+    id: str
+    score: int
+    text: str
+    links: list[str]  # absolute http(s) hrefs of the body's <a> tags, in order
+
+
+@dataclass
+class Question:
+    id: str
+    title: str
+    body: str  # plain text
+    tags: list[str]
+    score: int
+    accepted_id: str | None
+    answers: list[Answer] = field(default_factory=list)
+
+    @property
+    def query(self) -> str:
+        # METHOD.md §1: the query is title + " " + body
+        return f"{self.title} {self.body}".strip()
+
+    def ordered_answers(self) -> list[Answer]:
+        """Accepted answer first, then by score (ties: dump order)."""
+        return sorted(self.answers, key=lambda a: (a.id != self.accepted_id, -a.score))
+
+    def links(self) -> list[str]:
+        """Distinct links of the answers, accepted answer's first."""
+        seen, out = set(), []
+        for a in self.ordered_answers():
+            for u in a.links:
+                if u not in seen:
+                    seen.add(u)
+                    out.append(u)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Post HTML -> text. Bodies are small, well-formed-ish fragments (p, pre/code, lists, blockquote, a,
+# img): keep the text, put block elements on their own lines, keep code line breaks.
+
+_BLOCK = {"p", "div", "pre", "blockquote", "li", "ul", "ol", "h1", "h2", "h3", "h4", "h5", "h6", "br",
+          "hr", "table", "tr", "dl", "dt", "dd"}
+
+
+class _PostText(HTMLParser):
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.parts, self.links, self.pre = [], [], 0
+
+    def handle_starttag(self, tag, attrs):
+        if tag in _BLOCK:
+            self.parts.append("\n")
+        if tag == "pre":
+            self.pre += 1
+        if tag == "a":
+            href = dict(attrs).get("href") or ""
+            if href.startswith(("http://", "https://")):
+                self.links.append(href.strip())
+
+    def handle_endtag(self, tag):
+        if tag == "pre":
+            self.pre = max(0, self.pre - 1)
+        if tag in _BLOCK:
+            self.parts.append("\n")
+
+    def handle_data(self, data):
+        self.parts.append(data if self.pre else re.sub(r"\s+", " ", data))
+
+
+def post_text(html: str) -> tuple[str, list[str]]:
+    """(plain text, absolute http(s) links) of a post body."""
+    p = _PostText()
+    p.feed(html or "")
+    p.close()
+    text = "".join(p.parts)
+    lines = [ln.rstrip() for ln in text.split("\n")]
+    text = re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+    return text, p.links
+
+
+# ----------------------------------------------------------------------------------------------
+# Streaming
+
+
+def _open(path: Path):
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic[:2] == b"\x1f\x8b":
+        return gzip.open(path, "rb")
+    if magic == b"7z\xbc\xaf\x27\x1c":
+        raise DumpError(f"{path}: a .7z archive; extract Posts.xml from it first (7z x {path.name} Posts.xml)")
+    return open(path, "rb")
+
+
+def iter_rows(path: str | Path):
+    """Yield the attribute dict of every `<row>` of a Posts.xml (.xml or .xml.gz), in file order."""
+    path = Path(path)
+    if not path.is_file():
+        raise DumpError(f"{path}: no such file")
+    n = 0
+    with _open(path) as f:
+        it = ET.iterparse(f, events=("start", "end"))
+        try:
+            _, root = next(it)
+            if root.tag != "posts":
+                raise DumpError(f"{path}: not a StackExchange Posts.xml (root element <{root.tag}>, expected <posts>)")
+            for event, elem in it:
+                if event != "end" or elem.tag != "row":
+                    continue
+                n += 1
+                a = dict(elem.attrib)
+                # drop the row (and everything read before it) so memory stays flat on a 90 GB file
+                elem.clear()
+                root.clear()
+                if "Id" not in a or "PostTypeId" not in a:
+                    raise DumpError(f"{path}: row {n} has no Id/PostTypeId attribute: not a Posts.xml row")
+                yield a
+        except ET.ParseError as e:
+            raise DumpError(f"{path}: not a StackExchange Posts.xml ({e})") from None
+        except (OSError, EOFError) as e:  # truncated or corrupt gzip
+            raise DumpError(f"{path}: unreadable ({e})") from None
+
+
+def _int(v, default=0):
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        return default
+
+
+def parse_tags(s: str | None) -> list[str]:
+    # "<storage><whole-bean>" (older dumps) or "|storage|whole-bean|" (2024+ dumps)
+    return [t for t in re.split(r"[<>|]+", s or "") if t]
+
+
+@dataclass
+class ReadStats:
+    rows: int = 0
+    questions: int = 0
+    answers: int = 0
+    filtered: int = 0  # questions dropped by score/accepted/tags
+    excluded: int = 0  # questions dropped by `exclude` (BRIGHT overlap)
+    kept: int = 0
+    answers_kept: int = 0
+    links: int = 0     # links in the kept questions' answers (with repeats)
+
+
+def read_questions(path, min_score=None, require_accepted=False, tags=None, max_questions=None,
+                   exclude=None, progress=False) -> tuple[list[Question], ReadStats]:
+    """Questions of a dump that pass the filters, in file order, each with its answers.
+
+    min_score: keep questions with Score >= min_score. require_accepted: keep only questions with an
+    accepted answer. tags: keep questions carrying any of these tags. exclude: a callable
+    (title, body) -> bool dropping a question (counted in stats.excluded). max_questions: stop after
+    this many kept questions (pass 1 stops reading there)."""
+    st = ReadStats()
+    tags = set(tags or ())
+    kept: dict[str, Question] = {}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(desc="questions", unit=" rows")
+    # pass 1: questions (title/body converted only for those that pass the cheap filters)
+    for a in iter_rows(path):
+        st.rows += 1
+        if bar is not None and st.rows % 10_000 == 0:
+            bar.update(10_000)
+        if a["PostTypeId"] == "2":
+            st.answers += 1
+            continue
+        if a["PostTypeId"] != "1":
+            continue
+        st.questions += 1
+        if max_questions is not None and len(kept) >= max_questions:
+            continue  # keep counting rows so the summary says how many there were
+        qtags = parse_tags(a.get("Tags"))
+        score = _int(a.get("Score"))
+        accepted = a.get("AcceptedAnswerId")
+        if ((min_score is not None and score < min_score) or (require_accepted and not accepted)
+                or (tags and not tags.intersection(qtags))):
+            st.filtered += 1
+            continue
+        title = re.sub(r"\s+", " ", a.get("Title") or "").strip()
+        body, _ = post_text(a.get("Body"))
+        if exclude is not None and exclude(title, body):
+            st.excluded += 1
+            continue
+        kept[a["Id"]] = Question(a["Id"], title, body, qtags, score, accepted)
+    if bar is not None:
+        bar.update(st.rows % 10_000)
+        bar.close()
+    # pass 2: the kept questions' answers, wherever they are in the file
+    if kept:
+        for a in iter_rows(path):
+            if a["PostTypeId"] == "2":
+                q = kept.get(a.get("ParentId"))
+                if q is not None:
+                    text, links = post_text(a.get("Body"))
+                    q.answers.append(Answer(a["Id"], _int(a.get("Score")), text, links))
+                    st.answers_kept += 1
+                    st.links += len(links)
+    st.kept = len(kept)
+    return list(kept.values()), st
+
+
+# ----------------------------------------------------------------------------------------------
+# BRIGHT overlap: BRIGHT's StackExchange queries are posts (title on the first line, then the body,
+# sometimes lightly edited). A question is excluded when its title equals a query's first line, or
+# when most of its body's 8-word shingles occur in BRIGHT's queries.
+
+_SHINGLE = 8
+
+
+def normalise(text: str) -> list[str]:
+    """Lower-cased alphanumeric words (markup, punctuation and spacing differences vanish)."""
+    return re.findall(r"[^\W_]+", text.lower())
+
+
+def _shingles(words):
+    return {hash(" ".join(words[i:i + _SHINGLE])) for i in range(max(0, len(words) - _SHINGLE + 1))}
+
+
+class BrightFilter:
+    def __init__(self, bright_dir: str | Path):
+        import json
+        d = Path(bright_dir) / "examples"
+        files = sorted(d.glob("*.jsonl.gz")) + sorted(d.glob("*.jsonl"))
+        if not files:
+            raise DumpError(f"{d}: no BRIGHT examples (*.jsonl.gz) to exclude")
+        self.titles, self.shingles, self.n_queries = set(), set(), 0
+        for fp in files:
+            opener = gzip.open if fp.suffix == ".gz" else open
+            with opener(fp, "rt", encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        q = json.loads(line)["query"]
+                    except (ValueError, KeyError, TypeError):
+                        raise DumpError(f"{fp}:{n}: not a BRIGHT example row (no 'query')") from None
+                    self.n_queries += 1
+                    first = normalise(q.strip().split("\n", 1)[0])
+                    if len(first) >= 3:
+                        self.titles.add(" ".join(first))
+                    self.shingles |= _shingles(normalise(q))
+
+    def __call__(self, title: str, body: str) -> bool:
+        t = normalise(title)
+        if len(t) >= 3 and " ".join(t) in self.titles:
+            return True
+        sh = _shingles(normalise(body))
+        return len(sh) >= 3 and len(sh & self.shingles) >= 0.5 * len(sh)
