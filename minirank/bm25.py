@@ -586,9 +586,15 @@ def search(index, queries, k=1000, excluded=None, progress=False):
 # On-disk cache of an index: a directory with arrays (.npz), the vocabulary and the doc ids (json).
 
 
-def save_index(index, path):
+def save_index(index, path, source=None):
+    """Write the index to directory `path`. `source` (any JSON value, e.g. the stamps of the files it
+    was built from) is recorded so that load_index can refuse an index of other data.
+
+    meta.json marks a complete index, so a rebuild removes it first and writes it last: a crash
+    midway leaves no meta (load_index -> None, rebuild), never new arrays beside old metadata."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    (path / "meta.json").unlink(missing_ok=True)
     terms = [None] * len(index.vocab)
     for t, r in index.vocab.items():
         terms[r] = t
@@ -601,14 +607,17 @@ def save_index(index, path):
             json.dump(obj, f, ensure_ascii=False)
         os.replace(path / (name + ".tmp"), path / name)
     meta = {"version": INDEX_VERSION, "k1": index.k1, "b": index.b, "avgdl": index.avgdl,
-            "n_docs": len(index.doc_ids), "n_terms": len(terms)}
+            "n_docs": len(index.doc_ids), "n_terms": len(terms), "nnz": int(w.nnz), "source": source}
     with open(path / "meta.json.tmp", "w") as f:
         json.dump(meta, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(path / "meta.json.tmp", path / "meta.json")  # written last: marks a complete index
 
 
-def load_index(path):
-    """The index saved at `path`, or None if there is no complete, current one."""
+def load_index(path, source=None):
+    """The index saved at `path`, or None if there is no complete, current one (with `source`: one
+    built from that source)."""
     import scipy.sparse as sp
 
     path = Path(path)
@@ -617,13 +626,20 @@ def load_index(path):
             meta = json.load(f)
     except (OSError, ValueError):
         return None
-    if meta.get("version") != INDEX_VERSION:
+    if not isinstance(meta, dict) or meta.get("version") != INDEX_VERSION:
         return None
-    a = np.load(path / "arrays.npz")
-    weights = sp.csr_matrix((a["data"], a["indices"], a["indptr"]), shape=tuple(a["shape"]))
-    with open(path / "vocab.json", encoding="utf-8") as f:
-        terms = json.load(f)
-    with open(path / "doc_ids.json", encoding="utf-8") as f:
-        doc_ids = json.load(f)
+    if source is not None and meta.get("source") != json.loads(json.dumps(source)):
+        return None
+    try:
+        a = np.load(path / "arrays.npz")
+        weights = sp.csr_matrix((a["data"], a["indices"], a["indptr"]), shape=tuple(a["shape"]))
+        with open(path / "vocab.json", encoding="utf-8") as f:
+            terms = json.load(f)
+        with open(path / "doc_ids.json", encoding="utf-8") as f:
+            doc_ids = json.load(f)
+    except (OSError, ValueError, KeyError):  # a file missing or cut short: not a complete index
+        return None
+    if (len(doc_ids), len(terms), weights.nnz) != (meta.get("n_docs"), meta.get("n_terms"), meta.get("nnz")):
+        return None  # files of two different builds: rebuild rather than search a chimera
     return BM25Index(doc_ids=doc_ids, vocab={t: i for i, t in enumerate(terms)}, idf=a["idf"],
                      avgdl=meta["avgdl"], weights=weights, k1=meta["k1"], b=meta["b"])

@@ -1,39 +1,42 @@
-"""BRIGHT evaluation: data, qrels and exclusions, run files, metrics, BM25 first stage, report, CLI.
+"""BRIGHT: the benchmark's data (examples with gold and excluded ids, documents), its BM25 first
+stage, the per-domain report, and a CLI.
 
-    python -m minirank.bright evaluate --run RUN --examples biology [--json]
+    python -m minirank.bright evaluate --run RUN --examples biology [--json]     # RUN may be <(zcat x.gz) or -
     python -m minirank.bright bm25 --domain biology [--reasoning gpt4] --out runs/bm25/biology.trec
     python -m minirank.bright report --runs runs/bm25 [--json]
+    python -m minirank.bright download --config documents --domain all [--refresh]
 
-Data come from the hub (xlangai/BRIGHT parquet files, cached under $MINIRANK_CACHE/bright in the
-hub's own layout) or from a local directory laid out the same way, where `examples`-like configs may
-also be JSONL or JSONL.gz (e.g. ../shared/bright/examples/biology.jsonl.gz). Metrics follow trec_eval
-(see metrics.py); BM25 follows BRIGHT's gensim/pyserini baseline (see bm25.py).
+Data come from the hub (xlangai/BRIGHT parquet files, fetched through minirank.hub into
+$MINIRANK_CACHE/bright/<commit>/ in the hub's layout) or from a local directory laid out the same way,
+where `examples`-like configs may also be JSONL or JSONL.gz (e.g. ../shared/bright/examples/biology.jsonl.gz).
+The hub's `main` is resolved to a commit once, at first use, and every file then comes from that
+commit (recorded in $MINIRANK_CACHE/bright/refs/main; `download --refresh` moves it to today's main),
+so examples, documents and a cached BM25 index never mix two versions of the dataset.
+Run and qrels files are read and written by minirank.files; metrics follow trec_eval (metrics.py);
+BM25 follows BRIGHT's gensim/pyserini baseline (bm25.py).
 """
 
 import argparse
-import gzip
-import io
 import json
-import math
-import os
 import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import bm25
+from . import bm25, files, hub
+from .files import DataError, read_qrels, read_rows, read_run, write_run
 from .metrics import DEFAULT_METRICS, canonical, evaluate, mean, per_query
 
 DOMAINS = ("biology", "earth_science", "economics", "psychology", "robotics", "stackoverflow",
            "sustainable_living", "leetcode", "pony", "aops", "theoremqa_questions", "theoremqa_theorems")
-LABELS = ("Bio.", "Earth.", "Econ.", "Psy.", "Rob.", "Stack.", "Sus.", "Leet.", "Pony", "AoPS",
-          "TheoQ.", "TheoT.")  # column heads of the BRIGHT paper's tables
+DOMAIN_HEADS = ("Bio.", "Earth.", "Econ.", "Psy.", "Rob.", "Stack.", "Sus.", "Leet.", "Pony", "AoPS",
+                "TheoQ.", "TheoT.")  # column heads of the BRIGHT paper's tables, in DOMAINS order
 REPO_ID = "xlangai/BRIGHT"
-DEFAULT_ENDPOINT = "https://huggingface.co"
+_SHA = re.compile(r"^[0-9a-f]{40}$")
 
 
-class BrightError(ValueError):
-    """Bad input or missing data; the CLI prints the message without a traceback."""
+class BrightError(DataError):
+    """Unknown domain, missing data, hub failure; like every DataError, the CLI prints it without a traceback."""
 
 
 def check_domain(domain):
@@ -48,14 +51,12 @@ def reason_config(reasoning):
 
 
 # ----------------------------------------------------------------------------------------------
-# Files: a local directory or the hub, both laid out as <config>/<split>-00000-of-00001.parquet.
+# Where the files are: a local directory, or the hub at one pinned commit (cached). Both are laid
+# out as <config>/<split>-00000-of-00001.parquet (large splits: several -0000i-of-0000n shards).
 
 
-def cache_dir():
-    """$MINIRANK_CACHE/bright, else ~/.cache/minirank/bright: downloads mirror the hub's layout."""
-    from .hub import cache_dir as root
-
-    return root() / "bright"
+def _cache():
+    return hub.cache_dir() / "bright"
 
 
 def _candidates(root, config, split):
@@ -64,10 +65,14 @@ def _candidates(root, config, split):
             d / f"{split}.jsonl.gz", d / f"{split}.jsonl"]
 
 
+def _glob_escape(s):
+    return re.sub(r"([*?\[])", r"[\1]", s)
+
+
 def local_files(root, config, split):
     """Files holding `config`/`split` under root (several parquet shards possible), or []."""
     d = Path(root) / config
-    shards = sorted(d.glob(f"{glob_escape(split)}-*-of-*.parquet")) if d.is_dir() else []
+    shards = sorted(d.glob(f"{_glob_escape(split)}-*-of-*.parquet")) if d.is_dir() else []
     if shards:
         # all of them or none: an interrupted multi-shard download must not pass for the split
         n = int(re.search(r"-of-(\d+)\.parquet$", shards[0].name).group(1))
@@ -76,113 +81,68 @@ def local_files(root, config, split):
     return [p for p in _candidates(root, config, split) if p.is_file()][:1]
 
 
-def glob_escape(s):
-    return re.sub(r"([*?\[])", r"[\1]", s)
-
-
-def hub_url(config, split, shard="00000-of-00001", endpoint=None):
-    endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
-    return f"{endpoint}/datasets/{REPO_ID}/resolve/main/{config}/{split}-{shard}.parquet"
-
-
-def _hub_shards(config, split, token):
-    # Large splits can be stored as several parquet shards: ask the hub's tree API which exist.
-    import requests
-
-    endpoint = (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
-    url = f"{endpoint}/api/datasets/{REPO_ID}/tree/main/{config}"
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
+def hub_revision(refresh=False):
+    """The commit of xlangai/BRIGHT that every hub read uses: resolved from `main` once, at first use
+    (or on refresh), and recorded in the cache, so a job never mixes files of two commits and a
+    cached split is read again without the network."""
+    ref = _cache() / "refs" / "main"
+    if ref.is_file() and not refresh:
+        sha = ref.read_text().strip()
+        if _SHA.match(sha):
+            return sha
+    if hub.offline():
+        raise BrightError(f"no BRIGHT commit recorded in {ref} and HF_HUB_OFFLINE=1: "
+                          f"run once online, or pass a local copy with --data-dir")
     try:
-        r = requests.get(url, headers=headers, timeout=(10, 60))
-        if r.status_code == 404:  # no such config at all
-            return []
-        r.raise_for_status()
-        names = [Path(e["path"]).name for e in r.json() if isinstance(e, dict) and "path" in e]
-    except (requests.RequestException, ValueError, KeyError, TypeError) as e:
-        raise BrightError(f"could not list {config}/ on the hub ({url}): {e}") from e
-    pat = re.compile(rf"^{re.escape(split)}-(\d+-of-\d+)\.parquet$")
-    return sorted(m.group(1) for m in map(pat.match, names) if m)
+        sha = hub.resolve_revision(REPO_ID, "main", repo_type="dataset")
+    except hub.HubError as e:
+        raise BrightError(f"could not resolve {REPO_ID}@main to a commit: {e}") from e
+    files.atomic_write(ref, sha + "\n")
+    return sha
 
 
 def fetch(config, split, data_dir=None):
-    """Local paths of a config's split: from data_dir (never the network), else the cache, else
-    downloaded from the hub into the cache (resumable; honours HF_ENDPOINT, HF_TOKEN)."""
+    """Local paths of a config's split: from data_dir (never the network), else the cache at the
+    pinned commit, else downloaded into it through minirank.hub (resumable; HF_ENDPOINT, HF_TOKEN)."""
     if data_dir is not None:
         found = local_files(data_dir, config, split)
         if not found:
             tried = ", ".join(str(p) for p in _candidates(data_dir, config, split))
             raise BrightError(f"no {config}/{split} data in {data_dir}: looked for {tried}")
         return found
-    root = cache_dir()
+    sha = hub_revision()
+    root = _cache() / sha
     found = local_files(root, config, split)
     if found:
         return found
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
+    if hub.offline():
         tried = ", ".join(str(p) for p in _candidates(root, config, split))
         raise BrightError(f"{config}/{split} is not cached (looked for {tried}) and HF_HUB_OFFLINE=1")
-    from .hub import HubError, download_file
-
-    token = (os.environ.get("HF_TOKEN") or "").strip() or None
-    shards = ["00000-of-00001"]
-    paths = []
+    get = lambda name: hub.fetch_file(REPO_ID, f"{config}/{name}", root / config / name, revision=sha,
+                                      repo_type="dataset", desc=f"{config}/{split}")
     try:
-        for i, shard in enumerate(shards):
-            dest = root / config / f"{split}-{shard}.parquet"
-            if dest.is_file():  # a shard finished by an earlier, interrupted call
-                paths.append(dest)
-                continue
+        single = f"{split}-00000-of-00001.parquet"
+        if not (root / config).is_dir() or not any((root / config).glob(f"{_glob_escape(split)}-*-of-*.parquet")):
             try:
-                paths.append(download_file(hub_url(config, split, shard), dest, token, desc=f"{config}/{split}"))
-            except HubError as e:
-                if e.status != 404 or i > 0 or len(shards) > 1:
+                return [get(single)]
+            except hub.HubError as e:
+                if e.status != 404:
                     raise
-                shards.extend(s for s in _hub_shards(config, split, token) if s != shard)
-                if len(shards) == 1:
-                    raise BrightError(f"{config}/{split} is not on the hub ({hub_url(config, split)}): "
-                                      f"check the config and split names") from e
-    except HubError as e:
+        # large splits are stored as several shards: ask the hub which exist (at the same commit)
+        pat = re.compile(rf"^{re.escape(split)}-\d+-of-\d+\.parquet$")
+        names = sorted(n for n in (Path(p).name for p in hub.list_files(REPO_ID, config, revision=sha,
+                                                                        repo_type="dataset")) if pat.match(n))
+        if not names:
+            raise BrightError(f"{config}/{split} is not on the hub ({REPO_ID}@{sha[:12]}): "
+                              f"check the config and split names")
+        return [root / config / n if (root / config / n).is_file() else get(n) for n in names]
+    except hub.HubError as e:
         raise BrightError(str(e)) from e
-    return paths
 
 
-def read_rows(path, columns=None):
-    """Rows (dicts) of a parquet, JSONL or JSONL.gz file."""
-    path = Path(path)
-    if not path.is_file():
-        raise BrightError(f"file not found: {path} (absolute: {path.resolve()})")
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            return pq.read_table(path, columns=columns).to_pylist()
-        except Exception as e:  # pyarrow raises several types; they all mean a bad/partial file
-            raise BrightError(f"{path}: not a readable parquet file ({e})") from e
+def _read_all(paths, columns=None):
     rows = []
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise BrightError(f"{path}:{lineno}: not a JSON object ({e})") from e
-            if not isinstance(row, dict):
-                raise BrightError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append({k: row.get(k) for k in columns} if columns else row)
-    return rows
-
-
-def _open_text(path):
-    with open(path, "rb") as f:
-        magic = f.read(2)
-    if magic == b"\x1f\x8b":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")
-
-
-def load_rows(config, split, data_dir=None, columns=None):
-    rows = []
-    for p in fetch(config, split, data_dir):
+    for p in paths:
         rows.extend(read_rows(p, columns))
     return rows
 
@@ -228,24 +188,36 @@ def examples_from_rows(rows, source="examples"):
     return out
 
 
+def examples_config(reasoning=None):
+    return reason_config(reasoning) if reasoning else "examples"
+
+
+def documents_config(long=False):
+    return "long_documents" if long else "documents"
+
+
 def load_examples(source, reasoning=None, data_dir=None):
-    """Examples of a domain (or of a file: parquet/JSONL/JSONL.gz). With reasoning='gpt4' the
-    queries are the `gpt4_reason` config's (an LLM's reasoning instead of the question)."""
+    """Examples of a domain (or of a file: parquet/JSONL/JSONL.gz, a pipe, '-'). With reasoning='gpt4'
+    the queries are the `gpt4_reason` config's (an LLM's reasoning instead of the question)."""
     if source in DOMAINS:
-        config = reason_config(reasoning) if reasoning else "examples"
-        return examples_from_rows(load_rows(config, source, data_dir), f"{config}/{source}")
+        config = examples_config(reasoning)
+        return examples_from_rows(_read_all(fetch(config, source, data_dir)), f"{config}/{source}")
     path = Path(source)
-    if not path.exists():
+    if source != "-" and not path.exists():
         raise BrightError(f"examples not found: {source!r} is neither a file ({path.resolve()}) nor a "
                           f"domain ({', '.join(DOMAINS)})")
-    return examples_from_rows(read_rows(path), str(path))
+    return examples_from_rows(read_rows(path if source != "-" else "-"), str(path))
+
+
+def documents_from_files(paths):
+    """(ids, texts) of documents files (rows with id and content), in file order."""
+    rows = _read_all(paths, columns=["id", "content"])
+    return [str(r["id"]) for r in rows], [r["content"] or "" for r in rows]
 
 
 def load_documents(domain, long=False, data_dir=None):
     """(ids, texts) of a domain's corpus, in the hub's order."""
-    config = "long_documents" if long else "documents"
-    rows = load_rows(config, check_domain(domain), data_dir, columns=["id", "content"])
-    return [str(r["id"]) for r in rows], [r["content"] or "" for r in rows]
+    return documents_from_files(fetch(documents_config(long), check_domain(domain), data_dir))
 
 
 def qrels_from_examples(examples, long=False):
@@ -262,147 +234,25 @@ def queries_from_examples(examples):
     return {e.id: e.query for e in examples}
 
 
-# ----------------------------------------------------------------------------------------------
-# Run and qrels files. TREC run: "qid Q0 docid rank score tag"; a docid may contain spaces, so it
-# is everything between the 2nd field and the last three. JSON run: {qid: {docid: score}}.
-
-_RUN_LINE = re.compile(r"^(\S+)\s+(\S+)\s+(.+?)\s+(\S+)\s+(\S+)\s+(\S+)\s*$")
-_QREL_LINE = re.compile(r"^(\S+)\s+(\S+)\s+(.+?)\s+(\S+)\s*$")
-
-
-def read_run(path):
-    """{qid: {docid: score}} from a TREC or JSON run file (format auto-detected, .gz allowed)."""
-    path = Path(path)
-    if not path.is_file():
-        raise BrightError(f"run file not found: {path} (absolute: {path.resolve()})")
-    with _open_text(path) as f:
-        text = f.read()
-    if text.lstrip().startswith("{"):
-        return _json_run(text, path)
-    run = {}
-    for lineno, line in enumerate(text.splitlines(), 1):
-        parts = line.split()
-        if not parts:
-            continue
-        if len(parts) == 6:
-            qid, _, docid, rank, score, _ = parts
-        else:
-            m = _RUN_LINE.match(line)
-            if not m:
-                raise BrightError(f"{path}:{lineno}: malformed run line, expected 'qid Q0 docid rank score "
-                                  f"tag' (6 fields or more), got {line.strip()!r:.120}")
-            qid, _, docid, rank, score, _ = m.groups()
-        try:
-            int(rank)
-            score = float(score)
-        except ValueError:
-            raise BrightError(f"{path}:{lineno}: malformed run line, rank must be an integer and score a "
-                              f"number: {line.strip()!r:.120}") from None
-        if math.isnan(score):
-            raise BrightError(f"{path}:{lineno}: score is NaN")
-        docs = run.setdefault(qid, {})
-        if docid in docs:
-            raise BrightError(f"{path}:{lineno}: document {docid!r} appears twice for query {qid!r}")
-        docs[docid] = score
-    return run
-
-
-def _json_run(text, path):
-    try:
-        run = json.loads(text)
-    except ValueError as e:
-        raise BrightError(f"{path}: invalid JSON run ({e})") from e
-    if not isinstance(run, dict):
-        raise BrightError(f"{path}: a JSON run must be an object {{qid: {{docid: score}}}}")
-    out = {}
-    for qid, docs in run.items():
-        if not isinstance(docs, dict):
-            raise BrightError(f"{path}: query {qid!r}: expected an object {{docid: score}}")
-        for docid, s in docs.items():
-            if isinstance(s, bool) or not isinstance(s, (int, float)) or s != s:
-                raise BrightError(f"{path}: query {qid!r}, document {docid!r}: score {s!r} is not a number")
-        out[str(qid)] = {str(d): float(s) for d, s in docs.items()}
-    return out
-
-
-def _atomic_write(path, text):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    data = text.encode("utf-8")
-    with (gzip.open(tmp, "wb") if path.suffix == ".gz" else open(tmp, "wb")) as f:
-        f.write(data)
-    os.replace(tmp, path)  # a run file that exists is complete: resuming can trust it
-
-
-def write_run(run, path, tag="minirank", fmt=None):
-    """Write {qid: {docid: score}} as TREC (default) or JSON (fmt='json' or a .json name).
-    TREC lines are in trec_eval order (score desc, docid desc) with ranks 1..n."""
-    path = Path(path)
-    name = path.name[:-3] if path.name.endswith(".gz") else path.name
-    fmt = fmt or ("json" if name.endswith(".json") else "trec")
-    if fmt == "json":
-        _atomic_write(path, json.dumps(run, ensure_ascii=False))
-        return path
-    if re.search(r"\s", tag):
-        raise BrightError(f"run tag {tag!r} must not contain whitespace")
-    lines = []
-    for qid, docs in run.items():
-        if re.search(r"\s", str(qid)) or not str(qid):
-            raise BrightError(f"query id {qid!r} cannot be written to a TREC run (whitespace)")
-        ranked = sorted(docs.items(), key=lambda x: (float(x[1]), x[0]), reverse=True)
-        for r, (docid, s) in enumerate(ranked, 1):
-            if docid != docid.strip() or "\n" in docid or not docid:
-                raise BrightError(f"document id {docid!r} cannot be written to a TREC run")
-            lines.append(f"{qid} Q0 {docid} {r} {float(s)!r} {tag}\n")
-    _atomic_write(path, "".join(lines))
-    return path
-
-
-def read_qrels(path):
-    """{qid: {docid: level}} from a TREC qrels file 'qid iter docid level' (docid may hold spaces)."""
-    path = Path(path)
-    if not path.is_file():
-        raise BrightError(f"qrels file not found: {path} (absolute: {path.resolve()})")
-    qrels = {}
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            m = _QREL_LINE.match(line)
-            try:
-                level = int(m.group(4)) if m else None
-            except ValueError:
-                level = None
-            if level is None:
-                raise BrightError(f"{path}:{lineno}: malformed qrels line, expected 'qid 0 docid level': "
-                                  f"{line.strip()!r:.120}")
-            qrels.setdefault(m.group(1), {})[m.group(3)] = level
-    return qrels
-
-
-def write_qrels(qrels, path):
-    lines = [f"{q}\t0\t{d}\t{int(r)}\n" for q, docs in qrels.items() for d, r in docs.items()]
-    _atomic_write(path, "".join(lines))
-    return Path(path)
-
-
 def evaluate_examples(run, examples, metrics=DEFAULT_METRICS, long=False):
     """BRIGHT's evaluation of a run: qrels from gold ids, excluded ids removed, mean over queries."""
     return evaluate(run, qrels_from_examples(examples, long), metrics, excluded_from_examples(examples))
 
 
 # ----------------------------------------------------------------------------------------------
-# BM25 first stage, one cached index per domain (and per short/long documents).
+# BM25 first stage, one cached index per domain (and per short/long documents), valid only for
+# the exact files it was built from: a new hub commit or an edited local copy rebuilds it.
 
 
 def bm25_index(domain, long=False, data_dir=None, progress=True, rebuild=False):
-    path = cache_dir() / "bm25" / (check_domain(domain) + ("_long" if long else ""))
-    index = None if rebuild else bm25.load_index(path)
+    paths = fetch(documents_config(long), check_domain(domain), data_dir)
+    source = files.file_stamps(paths)  # hub files live under their commit, so this names the commit too
+    path = _cache() / "bm25" / (domain + ("_long" if long else ""))
+    index = None if rebuild else bm25.load_index(path, source=source)
     if index is None:
-        ids, texts = load_documents(domain, long, data_dir)
+        ids, texts = documents_from_files(paths)
         index = bm25.build_index(texts, ids, progress=progress)
-        bm25.save_index(index, path)
+        bm25.save_index(index, path, source=source)
     return index
 
 
@@ -411,6 +261,46 @@ def bm25_run(domain, reasoning=None, long=False, data_dir=None, k=1000, progress
     examples = examples if examples is not None else load_examples(check_domain(domain), reasoning, data_dir)
     index = bm25_index(domain, long, data_dir, progress)
     return bm25.search(index, queries_from_examples(examples), k, excluded_from_examples(examples), progress)
+
+
+def bm25_settings(domain, reasoning=None, long=False, data_dir=None, k=1000):
+    """Everything a BM25 run depends on, the input files included (see files.file_stamps)."""
+    return {"domain": check_domain(domain), "reasoning": reasoning, "long": long, "k": k,
+            "bm25": bm25.INDEX_VERSION,
+            "examples": files.file_stamps(fetch(examples_config(reasoning), domain, data_dir)),
+            "documents": files.file_stamps(fetch(documents_config(long), domain, data_dir))}
+
+
+def settings_path(run_path):
+    """The sidecar that records how a run file was made: <run>.settings.json."""
+    run_path = Path(run_path)
+    return run_path.with_name(run_path.name + ".settings.json")
+
+
+def reusable_run(run_path, settings):
+    """The run at run_path if its sidecar says it was made with these settings and the file is the
+    one the sidecar describes (same content hash); else None with the reason."""
+    run_path, side = Path(run_path), settings_path(run_path)
+    if not run_path.is_file():
+        return None, "absent"
+    try:
+        recorded = json.loads(side.read_text())
+    except (OSError, ValueError):
+        return None, f"no readable {side.name}: settings unknown"
+    if not isinstance(recorded, dict):
+        return None, f"{side.name} is not a JSON object"
+    if recorded.get("run_sha256") != files.sha256_file(run_path):
+        return None, "the run file changed since it was written"
+    diff = sorted(k for k in (set(settings) | set(recorded)) - {"run_sha256"} if recorded.get(k) != settings.get(k))
+    if diff:
+        return None, f"made with other settings ({', '.join(diff)})"
+    return read_run(run_path), ""
+
+
+def write_bm25_run(run, run_path, settings, tag):
+    """The run, then its sidecar (written last: a sidecar always describes a complete run file)."""
+    write_run(run, run_path, tag=tag)
+    files.write_json(settings_path(run_path), {**settings, "run_sha256": files.sha256_file(run_path)})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -434,7 +324,7 @@ def report(rows, metric="ndcg@10", digits=1):
     over the present ones, marked with '*'."""
     table = report_rows(rows, metric)
     fmt = lambda v: f"{100 * v:.{digits}f}"
-    head = f"| {canonical(metric)} | " + " | ".join(LABELS) + " | Avg. |"
+    head = f"| {canonical(metric)} | " + " | ".join(DOMAIN_HEADS) + " | Avg. |"
     lines = [head, "|" + "---|" * (len(DOMAINS) + 2)]
     for name, r in table.items():
         cells = [fmt(r["domains"][d]) if d in r["domains"] else "–" for d in DOMAINS]
@@ -445,16 +335,6 @@ def report(rows, metric="ndcg@10", digits=1):
 
 # ----------------------------------------------------------------------------------------------
 # CLI
-
-RUN_SUFFIXES = (".trec", ".trec.gz", ".run", ".txt", ".json", ".json.gz")
-
-
-def find_run(run_dir, domain):
-    for suf in RUN_SUFFIXES:
-        p = Path(run_dir) / f"{domain}{suf}"
-        if p.is_file():
-            return p
-    return None
 
 
 def _metrics_arg(s):
@@ -489,11 +369,11 @@ def _cmd_evaluate(args):
 def _evaluate_dir(run_dir, data_dir, metrics, long):
     results = {}
     for d in DOMAINS:
-        p = find_run(run_dir, d)
+        p = files.find_run(run_dir, d)
         if p is not None:
             results[d] = evaluate_examples(read_run(p), load_examples(d, data_dir=data_dir), metrics, long)
     if not results:
-        raise BrightError(f"no run files in {run_dir}: expected <domain>{{{','.join(RUN_SUFFIXES)}}} "
+        raise BrightError(f"no run files in {run_dir}: expected <domain>{{{','.join(files.RUN_SUFFIXES)}}} "
                           f"for domains {', '.join(DOMAINS)}")
     return results
 
@@ -520,12 +400,15 @@ def _cmd_bm25(args):
     for d in domains:
         path = out / f"{d}.trec" if many else out
         examples = load_examples(d, args.reasoning, args.data_dir)
-        if path.exists() and not args.force:
-            print(f"{d}: {path} exists, skipping (--force to redo)", file=sys.stderr)
-            run = read_run(path)
+        settings = bm25_settings(d, args.reasoning, args.long, args.data_dir, args.k)
+        run, why = (None, "--force") if args.force else reusable_run(path, settings)
+        if run is not None:
+            print(f"{d}: {path} was made with these settings, reusing it (--force to redo)", file=sys.stderr)
         else:
+            if why != "absent":
+                print(f"{d}: recomputing {path}: {why}", file=sys.stderr)
             run = bm25_run(d, args.reasoning, args.long, args.data_dir, args.k, not args.quiet, examples)
-            write_run(run, path, tag="bm25" + (f"_{args.reasoning}" if args.reasoning else ""))
+            write_bm25_run(run, path, settings, tag="bm25" + (f"_{args.reasoning}" if args.reasoning else ""))
         results[d] = evaluate_examples(run, examples, args.metrics, args.long)
         print(f"{d}: " + "  ".join(f"{k} {v:.4f}" for k, v in results[d].items()), file=sys.stderr)
     name = "BM25" + (f" + {args.reasoning} reasoning" if args.reasoning else "")
@@ -533,6 +416,8 @@ def _cmd_bm25(args):
 
 
 def _cmd_download(args):
+    if args.refresh:
+        print(f"{REPO_ID} pinned at {hub_revision(refresh=True)}", file=sys.stderr)
     for d in (DOMAINS if args.domain == "all" else (check_domain(args.domain),)):
         for p in fetch(args.config, d, None):
             print(p)
@@ -544,7 +429,7 @@ def main(argv=None):
     metrics_help = "comma-separated: ndcg@k, recall@k, p@k, map, map@k, mrr, success@k"
 
     e = sub.add_parser("evaluate", help="metrics of one run file against a domain's examples or a qrels file")
-    e.add_argument("--run", required=True, help="TREC or JSON run file (.gz allowed)")
+    e.add_argument("--run", required=True, help="TREC or JSON run file (.gz allowed; a pipe or - for stdin too)")
     e.add_argument("--examples", help="a domain name or an examples file (parquet/JSONL/JSONL.gz)")
     e.add_argument("--qrels", help="TREC qrels instead of the examples' gold ids (excluded ids still "
                                    "come from --examples if given)")
@@ -558,9 +443,10 @@ def main(argv=None):
     b = sub.add_parser("bm25", help="BRIGHT's BM25 first-stage run(s)")
     b.add_argument("--domain", required=True, help="a domain or 'all' (then --out is a directory)")
     b.add_argument("--reasoning", help="use the <NAME>_reason queries, e.g. gpt4")
-    b.add_argument("--out", required=True, help="run file (or directory with --domain all)")
+    b.add_argument("--out", required=True, help="run file (or directory with --domain all); its settings "
+                                                "go beside it in <run>.settings.json")
     b.add_argument("--k", type=int, default=1000, help="hits kept per query (default 1000)")
-    b.add_argument("--force", action="store_true", help="recompute runs that already exist")
+    b.add_argument("--force", action="store_true", help="recompute runs even when made with the same settings")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
     b.add_argument("--metrics", type=_metrics_arg, default=("ndcg@10",), help=metrics_help)
 
@@ -568,6 +454,7 @@ def main(argv=None):
     dl.add_argument("--config", default="examples",
                     help="examples, documents, long_documents or <model>_reason (default examples)")
     dl.add_argument("--domain", default="all")
+    dl.add_argument("--refresh", action="store_true", help="pin the cache to the hub's current main first")
 
     for p in (e, r, b):
         p.add_argument("--data-dir", help="local copy of the data (<config>/<domain>.jsonl.gz or "
@@ -578,10 +465,12 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.cmd == "evaluate" and not (args.examples or args.qrels):
         ap.error("evaluate needs --examples or --qrels")
+    if args.cmd == "bm25" and args.k < 1:
+        ap.error("--k must be at least 1")
     try:
         commands = {"evaluate": _cmd_evaluate, "report": _cmd_report, "bm25": _cmd_bm25, "download": _cmd_download}
         commands[args.cmd](args)
-    except BrightError as exc:
+    except DataError as exc:  # BrightError included
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -227,3 +227,34 @@ def test_save_load_and_edge_cases(tmp_path):
     run = search(again, {"q": "cats", "unknown": "zebra", "stop": "the"}, k=3)
     assert list(run["q"]) == ["a", "c d", "b"] and run["q"]["b"] == 0.0
     assert run["unknown"] == {"a": 0.0, "b": 0.0, "c d": 0.0}  # no known term: all zeros, corpus order
+
+
+def test_index_source_key_and_crash_during_rebuild(tmp_path, monkeypatch):
+    old = build_index(["Cats chase mice.", "Dogs bark."], ["a", "b"])
+    new = build_index(["Fish swim in water.", "Birds fly.", "Cats sleep."], ["x", "y", "z"])
+    path = tmp_path / "idx"
+    save_index(old, path, source={"files": ["v1"]})
+    assert load_index(path, source={"files": ["v1"]}).doc_ids == ["a", "b"]
+    assert load_index(path, source={"files": ["v2"]}) is None  # other data: not this index
+    # a rebuild that dies after writing the new arrays, before the rest: no index at all, never
+    # the new arrays under the old vocabulary and document ids
+    real_dump = json.dump
+
+    def dying_dump(obj, f, **kw):
+        if isinstance(obj, list) and obj == ["x", "y", "z"]:
+            raise OSError("disk full")
+        return real_dump(obj, f, **kw)
+
+    monkeypatch.setattr(json, "dump", dying_dump)
+    with pytest.raises(OSError):
+        save_index(new, path, source={"files": ["v2"]})
+    monkeypatch.undo()
+    assert load_index(path) is None and load_index(path, source={"files": ["v1"]}) is None
+    save_index(new, path, source={"files": ["v2"]})
+    assert load_index(path, source={"files": ["v2"]}).doc_ids == ["x", "y", "z"]
+    # files of two builds side by side (meta of one, arrays of the other) are refused as well
+    meta = json.loads((path / "meta.json").read_text())
+    save_index(old, tmp_path / "other")
+    (path / "doc_ids.json").write_text((tmp_path / "other" / "doc_ids.json").read_text())
+    (path / "meta.json").write_text(json.dumps(meta))
+    assert load_index(path) is None

@@ -2,18 +2,20 @@
 
 import gzip
 import json
+import re
 import subprocess
 import sys
 import threading
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from minirank import bright
+from minirank import bright, files, hub as hub_api
 from minirank.bright import (DOMAINS, BrightError, Example, evaluate_examples, excluded_from_examples,
-                             load_documents, load_examples, main, qrels_from_examples, read_qrels, read_run,
-                             report, write_qrels, write_run)
+                             load_documents, load_examples, main, qrels_from_examples, report)
+from minirank.files import DataError, read_qrels, read_run
 from minirank.metrics import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,42 +110,24 @@ def test_cli_evaluate_and_report(capsys):
 # Runs and qrels files
 
 
-def test_run_round_trip(tmp_path):
-    run = {"q1": {"doc a/b c.txt": 0.1 + 0.2, "d2": 1e-17, "d3": 1e-17, "d4": -3.0}, "q2": {}, "q3": {"x": 5}}
-    for name in ("r.trec", "r.trec.gz", "r.json", "r.json.gz"):
-        write_run(run, tmp_path / name)
-        back = read_run(tmp_path / name)
-        want = {q: {d: float(s) for d, s in docs.items()} for q, docs in run.items()}
-        if name.startswith("r.trec"):
-            want.pop("q2")  # an empty ranking has no lines in a TREC file
-        assert back == want
-    lines = (tmp_path / "r.trec").read_text().splitlines()
-    # trec_eval order: score desc, ties by docid desc; ranks from 1
-    assert [ln.split()[2] for ln in lines[:4]] == ["doc", "d3", "d2", "d4"]
-    assert lines[0] == "q1 Q0 doc a/b c.txt 1 0.30000000000000004 minirank"
-    qrels = {"q1": {"a b": 2, "c": 0}}
-    write_qrels(qrels, tmp_path / "q.txt")
-    assert read_qrels(tmp_path / "q.txt") == qrels
-
-
 def test_bad_input_messages(tmp_path):
     bad = tmp_path / "bad.trec"
     bad.write_text("q1 Q0 d1 1 0.5 tag\n\nq1 Q0 d2 1 0.4\n")
-    with pytest.raises(BrightError, match=r"bad\.trec:3: malformed run line"):
+    with pytest.raises(DataError, match=r"bad\.trec:3: malformed run line"):
         read_run(bad)
     bad.write_text("q1 Q0 d1 1 0.5 tag\nq1 Q0 d2 x high tag\n")
-    with pytest.raises(BrightError, match=r"bad\.trec:2: malformed run line"):
+    with pytest.raises(DataError, match=r"bad\.trec:2: malformed run line"):
         read_run(bad)
     bad.write_text("q1 Q0 d1 1 0.5 t\nq1 Q0 d1 2 0.4 t\n")
-    with pytest.raises(BrightError, match=r"bad\.trec:2: document 'd1' appears twice"):
+    with pytest.raises(DataError, match=r"bad\.trec:2: document 'd1' appears twice"):
         read_run(bad)
     bad.write_text('{"q1": {"d1": "high"}}')
-    with pytest.raises(BrightError, match=r"query 'q1', document 'd1'"):
+    with pytest.raises(DataError, match=r"query 'q1', document 'd1'"):
         read_run(bad)
     (tmp_path / "bad.qrels").write_text("q1 0 d1 1\nq1 0 d2 yes\n")
-    with pytest.raises(BrightError, match=r"bad\.qrels:2: malformed qrels line"):
+    with pytest.raises(DataError, match=r"bad\.qrels:2: malformed qrels line"):
         read_qrels(tmp_path / "bad.qrels")
-    with pytest.raises(BrightError, match=r"run file not found: .*nope\.trec \(absolute: /"):
+    with pytest.raises(DataError, match=r"run file not found: .*nope\.trec \(absolute: /"):
         read_run(tmp_path / "nope.trec")
     with pytest.raises(BrightError, match=r"unknown domain 'biologie'; valid domains: biology, earth_science"):
         load_documents("biologie")
@@ -154,7 +138,7 @@ def test_bad_input_messages(tmp_path):
     with pytest.raises(BrightError, match=r"ex\.jsonl: row 2: missing field 'gold_ids'"):
         load_examples(str(tmp_path / "ex.jsonl"))
     (tmp_path / "ex.jsonl").write_text('{"id": "1", "query": "q", "gold_ids": ["a"]}\nnot json\n')
-    with pytest.raises(BrightError, match=r"ex\.jsonl:2: not a JSON object"):
+    with pytest.raises(DataError, match=r"ex\.jsonl:2: not a JSON object"):
         load_examples(str(tmp_path / "ex.jsonl"))
 
 
@@ -174,7 +158,7 @@ def test_report_layout():
     rows = {"sys": {d: {"ndcg@10": (i + 1) / 100} for i, d in enumerate(DOMAINS)},
             "partial": {"biology": 0.5, "pony": 0.25}}
     lines = report(rows).splitlines()
-    assert lines[0] == "| ndcg@10 | " + " | ".join(bright.LABELS) + " | Avg. |"
+    assert lines[0] == "| ndcg@10 | " + " | ".join(bright.DOMAIN_HEADS) + " | Avg. |"
     assert lines[2] == "| sys | " + " | ".join(f"{i:.1f}" for i in range(1, 13)) + " | 6.5 |"
     assert lines[3].startswith("| partial | 50.0 | – |") and lines[3].endswith("| 25.0 | – | – | – | 37.5* |")
 
@@ -208,19 +192,42 @@ def parquet_bytes(rows):
     return buf.getvalue()
 
 
+SHA1, SHA2 = "1" * 40, "2" * 40
+API = "/api/datasets/xlangai/BRIGHT"
+
+
 class FakeHub(BaseHTTPRequestHandler):
-    files = {}      # url path -> bytes
+    """The hub's dataset endpoints for xlangai/BRIGHT: /api/.../revision/<rev> -> {"sha"},
+    /api/.../tree/<rev>/<dir> -> [{"type", "path"}], /datasets/xlangai/BRIGHT/resolve/<rev>/<path>
+    (Range honoured). A branch name is resolved through `refs`; files live per commit."""
+    commits = {}    # sha -> {repo path: bytes}
+    refs = {}       # branch -> sha
     requests = []   # (path, headers)
 
     def do_GET(self):
         FakeHub.requests.append((self.path, dict(self.headers)))
-        data = FakeHub.files.get(self.path)
+        path = urllib.parse.unquote(self.path)
+        m = re.match(rf"^{API}/revision/([^/]+)$", path)
+        if m and m.group(1) in FakeHub.refs:
+            return self._send(json.dumps({"sha": FakeHub.refs[m.group(1)]}).encode())
+        m = re.match(rf"^{API}/tree/([^/]+)/(.+)$", path)
+        if m and FakeHub.refs.get(m.group(1), m.group(1)) in FakeHub.commits:
+            tree = FakeHub.commits[FakeHub.refs.get(m.group(1), m.group(1))]
+            listing = [{"type": "file", "path": p} for p in tree if p.rsplit("/", 1)[0] == m.group(2)]
+            return self._send(json.dumps(listing).encode()) if listing else self._send(None)
+        m = re.match(r"^/datasets/xlangai/BRIGHT/resolve/([^/]+)/(.+)$", path)
+        data = None
+        if m:
+            data = FakeHub.commits.get(FakeHub.refs.get(m.group(1), m.group(1)), {}).get(m.group(2))
+        self._send(data, self.headers.get("Range"))
+
+    def _send(self, data, rng=None):
         if data is None:
             self.send_response(404)
+            self.send_header("Content-Length", "0")
             self.end_headers()
             return
         start = 0
-        rng = self.headers.get("Range")
         if rng:
             start = int(rng.split("=")[1].split("-")[0])
             self.send_response(206)
@@ -235,51 +242,56 @@ class FakeHub(BaseHTTPRequestHandler):
         pass
 
 
+def bright_files(suffix=""):
+    files = {}
+    for d in DOMAINS:
+        docs = DOCS.get(d, [(f"{d}/x.txt", f"{d} text about light"), (f"{d}/y.txt", "other words")])
+        docs = [(i, c + suffix) for i, c in docs]
+        examples = EXAMPLES.get(d, [{"query": "light", "reasoning": "", "id": "0", "excluded_ids": ["N/A"],
+                                     "gold_ids": [f"{d}/x.txt"], "gold_ids_long": ["N/A"], "gold_answer": "N/A"}])
+        files[f"documents/{d}-00000-of-00001.parquet"] = parquet_bytes([{"id": i, "content": c} for i, c in docs])
+        files[f"examples/{d}-00000-of-00001.parquet"] = parquet_bytes(examples)
+        reasoned = [dict(e, query=e["query"] + " moths insects moon") for e in examples]
+        files[f"gpt4_reason/{d}-00000-of-00001.parquet"] = parquet_bytes(reasoned)
+    return files
+
+
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
-    base = "/datasets/xlangai/BRIGHT/resolve/main"
     FakeHub.requests = []
-    FakeHub.files = {}
-    for d in DOMAINS:
-        docs = DOCS.get(d, [(f"{d}/x.txt", f"{d} text about light"), (f"{d}/y.txt", "other words")])
-        examples = EXAMPLES.get(d, [{"query": "light", "reasoning": "", "id": "0", "excluded_ids": ["N/A"],
-                                     "gold_ids": [f"{d}/x.txt"], "gold_ids_long": ["N/A"], "gold_answer": "N/A"}])
-        FakeHub.files[f"{base}/documents/{d}-00000-of-00001.parquet"] = parquet_bytes(
-            [{"id": i, "content": c} for i, c in docs])
-        FakeHub.files[f"{base}/examples/{d}-00000-of-00001.parquet"] = parquet_bytes(examples)
-        reasoned = [dict(e, query=e["query"] + " moths insects moon") for e in examples]
-        FakeHub.files[f"{base}/gpt4_reason/{d}-00000-of-00001.parquet"] = parquet_bytes(reasoned)
+    FakeHub.commits = {SHA1: bright_files()}
+    FakeHub.refs = {"main": SHA1}
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
     monkeypatch.setenv("MINIRANK_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    yield base
+    for var in ("HF_HUB_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    yield f"/datasets/xlangai/BRIGHT/resolve/{SHA1}"
     server.shutdown()
     server.server_close()
 
 
 def test_hub_download_cache_token_and_resume(hub, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    monkeypatch.setenv("HUGGING_FACE_HUB_TOKEN", "hf_test")  # the older name counts too (minirank.hub)
     examples = load_examples("biology")
     assert [e.id for e in examples] == ["0", "1"] and examples[0].gold_ids == ["bio/c d.txt", "bio/a.txt"]
     assert examples[0].excluded_ids == [] and examples[1].excluded_ids == ["bio/b.txt"]
-    path, headers = FakeHub.requests[-1]
-    assert path == f"{hub}/examples/biology-00000-of-00001.parquet"
-    assert headers.get("Authorization") == "Bearer hf_test"
-    cached = tmp_path / "cache" / "bright" / "examples" / "biology-00000-of-00001.parquet"
-    assert cached.read_bytes() == FakeHub.files[path]
+    # main is resolved to a commit first, and the file is fetched at that commit
+    assert [p for p, _ in FakeHub.requests] == [f"{API}/revision/main", f"{hub}/examples/biology-00000-of-00001.parquet"]
+    assert all(h.get("Authorization") == "Bearer hf_test" for _, h in FakeHub.requests)
+    # one cache root (minirank.hub's), one directory per commit
+    cached = hub_api.cache_dir() / "bright" / SHA1 / "examples" / "biology-00000-of-00001.parquet"
+    assert cached.read_bytes() == FakeHub.commits[SHA1]["examples/biology-00000-of-00001.parquet"]
     n = len(FakeHub.requests)
     assert load_examples("biology") == examples and len(FakeHub.requests) == n  # from the cache
     # the cache doubles as an offline data dir
-    assert load_examples("biology", data_dir=tmp_path / "cache" / "bright") == examples
+    assert load_examples("biology", data_dir=tmp_path / "cache" / "bright" / SHA1) == examples
     # an interrupted download resumes from its .part with a Range request
-    url = f"{hub}/documents/biology-00000-of-00001.parquet"
-    part = tmp_path / "cache" / "bright" / "documents" / "biology-00000-of-00001.parquet.part"
+    part = cached.parent.parent / "documents" / "biology-00000-of-00001.parquet.part"
     part.parent.mkdir(parents=True)
-    part.write_bytes(FakeHub.files[url][:100])
+    part.write_bytes(FakeHub.commits[SHA1]["documents/biology-00000-of-00001.parquet"][:100])
     ids, texts = load_documents("biology")
     assert ids == [i for i, _ in DOCS["biology"]] and texts[0].startswith("Moths")
     assert FakeHub.requests[-1][1].get("Range") == "bytes=100-"
@@ -289,18 +301,33 @@ def test_hub_download_cache_token_and_resume(hub, tmp_path, monkeypatch):
         load_documents("pony", long=True)
 
 
+def test_hub_revision_is_pinned_until_refresh(hub, tmp_path, capsys):
+    """main moving on the hub between two reads must not mix the dataset's versions: every file of
+    the cache comes from the commit main had at first use, until `download --refresh`."""
+    load_examples("biology")
+    FakeHub.commits[SHA2] = bright_files(suffix=" (revised)")
+    FakeHub.refs["main"] = SHA2
+    n = len(FakeHub.requests)
+    ids, texts = load_documents("biology")  # not cached yet: fetched at the pinned commit, not at SHA2
+    assert not texts[0].endswith("(revised)")
+    assert [p for p, _ in FakeHub.requests[n:]] == [f"{hub}/documents/biology-00000-of-00001.parquet"]
+    assert main(["download", "--config", "documents", "--domain", "biology", "--refresh"]) == 0
+    assert f"/{SHA2}/documents/biology-00000-of-00001.parquet" in capsys.readouterr().out
+    assert load_documents("biology")[1][0].endswith("(revised)")
+    assert bright.hub_revision() == SHA2
+
+
 def test_hub_missing_split_and_shards(hub):
     with pytest.raises(BrightError, match="long_documents/biology is not on the hub"):
         load_documents("biology", long=True)
-    # a split stored as several shards: found through the hub's tree API
+    # a split stored as several shards: found through the hub's tree API, at the pinned commit
     rows = [{"id": f"d{i}", "content": f"text {i}"} for i in range(4)]
-    FakeHub.files[f"{hub}/long_documents/pony-00000-of-00002.parquet"] = parquet_bytes(rows[:3])
-    FakeHub.files[f"{hub}/long_documents/pony-00001-of-00002.parquet"] = parquet_bytes(rows[3:])
-    FakeHub.files["/api/datasets/xlangai/BRIGHT/tree/main/long_documents"] = json.dumps(
-        [{"type": "file", "path": f"long_documents/pony-0000{i}-of-00002.parquet"} for i in range(2)]).encode()
+    FakeHub.commits[SHA1]["long_documents/pony-00000-of-00002.parquet"] = parquet_bytes(rows[:3])
+    FakeHub.commits[SHA1]["long_documents/pony-00001-of-00002.parquet"] = parquet_bytes(rows[3:])
     assert load_documents("pony", long=True) == ([r["id"] for r in rows], [r["content"] for r in rows])
+    assert f"{API}/tree/{SHA1}/long_documents" in [p for p, _ in FakeHub.requests]
     # an incomplete set of shards is not taken for the split: the missing one is fetched
-    cached = Path(bright.cache_dir()) / "long_documents"
+    cached = hub_api.cache_dir() / "bright" / SHA1 / "long_documents"
     (cached / "pony-00001-of-00002.parquet").unlink()
     n = len(FakeHub.requests)
     assert load_documents("pony", long=True)[0] == [r["id"] for r in rows]
@@ -315,24 +342,61 @@ def test_bm25_runs_from_hub(hub, tmp_path, capsys):
     assert (tmp_path / "cache" / "bright" / "bm25" / "biology" / "meta.json").is_file()
     reasoned = bright.bm25_run("biology", reasoning="gpt4", progress=False)
     assert reasoned["0"]["bio/c d.txt"] > run["0"]["bio/c d.txt"]  # 'moon' and 'insects' added
-    # CLI over all domains: one run file per domain, then the report; a second call resumes
+    # CLI over all domains: one run file (and its settings) per domain, then the report
     out = tmp_path / "runs"
     assert main(["bm25", "--domain", "all", "--out", str(out), "--quiet", "--json"]) == 0
     first = json.loads(capsys.readouterr().out)["ndcg@10"]
-    assert sorted(p.name for p in out.iterdir()) == sorted(f"{d}.trec" for d in DOMAINS)
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{d}.trec{s}" for d in DOMAINS for s in ("", ".settings.json"))
     assert first["n_domains"] == 12 and first["domains"]["pony"] == 1.0
     assert read_run(out / "biology.trec") == run  # scores survive the text file exactly
-    (out / "pony.trec").write_text("0 Q0 pony/y.txt 1 1.0 fake\n")
+    # a second call reuses what was made with the same settings, and only that
+    (out / "pony.trec").write_text("0 Q0 pony/y.txt 1 1.0 fake\n")  # edited by hand: not what the sidecar says
     assert main(["bm25", "--domain", "all", "--out", str(out), "--quiet", "--json"]) == 0
     captured = capsys.readouterr()
-    assert "pony.trec exists, skipping" in captured.err
-    assert json.loads(captured.out)["ndcg@10"]["domains"]["pony"] == 0.0
+    assert "biology.trec was made with these settings, reusing it" in captured.err
+    assert "recomputing" in captured.err and "pony.trec: the run file changed" in captured.err
+    assert json.loads(captured.out)["ndcg@10"]["domains"]["pony"] == 1.0
     assert main(["download", "--config", "gpt4_reason", "--domain", "pony"]) == 0
     assert capsys.readouterr().out.strip().endswith("gpt4_reason/pony-00000-of-00001.parquet")
     single = tmp_path / "bio.trec"
     assert main(["bm25", "--domain", "biology", "--reasoning", "gpt4", "--out", str(single), "--quiet"]) == 0
     assert read_run(single) == reasoned
     assert "BM25 + gpt4 reasoning" in capsys.readouterr().out
+
+
+def test_bm25_run_file_reused_only_with_same_settings(hub, tmp_path, capsys):
+    out = tmp_path / "bio.trec"
+    base = ["bm25", "--domain", "biology", "--out", str(out), "--quiet", "--json"]
+    assert main(base) == 0
+    plain = read_run(out)
+    capsys.readouterr()
+    # another --reasoning, --k, or data source must not pass off the existing file as its result
+    assert main(base + ["--reasoning", "gpt4"]) == 0
+    assert "made with other settings (examples, reasoning)" in capsys.readouterr().err
+    assert read_run(out) == bright.bm25_run("biology", reasoning="gpt4", progress=False)
+    assert main(base + ["--reasoning", "gpt4", "--k", "2"]) == 0
+    assert "made with other settings (k)" in capsys.readouterr().err
+    assert all(len(docs) <= 2 for docs in read_run(out).values())
+    # a local copy of the data is another source, even with the same bytes
+    local = tmp_path / "local"
+    for name, data in FakeHub.commits[SHA1].items():
+        (local / name).parent.mkdir(parents=True, exist_ok=True)
+        (local / name).write_bytes(data)
+    assert main(base + ["--data-dir", str(local)]) == 0
+    assert "made with other settings (documents, examples, k, reasoning)" in capsys.readouterr().err
+    assert read_run(out) == plain
+    assert main(base + ["--data-dir", str(local)]) == 0
+    assert "reusing it" in capsys.readouterr().err
+    # the local documents edited: the run is redone and the cached index is rebuilt from the new text
+    (local / "documents" / "biology-00000-of-00001.parquet").write_bytes(parquet_bytes(
+        [{"id": "bio/a.txt", "content": "rocks"}, {"id": "bio/e.txt", "content": "insects attracted to light"}]))
+    assert main(base + ["--data-dir", str(local)]) == 0
+    assert "made with other settings (documents)" in capsys.readouterr().err
+    assert list(read_run(out)["0"]) == ["bio/e.txt", "bio/a.txt"]
+    # a run file without its settings: unknown provenance, redone
+    bright.settings_path(out).unlink()
+    assert main(base + ["--data-dir", str(local)]) == 0
+    assert "no readable bio.trec.settings.json" in capsys.readouterr().err
 
 
 def test_evaluate_examples_object_api():

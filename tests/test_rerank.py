@@ -99,5 +99,115 @@ def test_rerank_script_runs_the_bundled_demo(smol_dir, tmp_path):
     assert "nDCG@10  first stage 58.1  ->  reranked" in res.stdout
     lines = (tmp_path / "run.trec").read_text().splitlines()
     assert len(lines) == 15 and {l.split()[0] for l in lines} == {"q1", "q2", "q3"}
-    res = subprocess.run(cmd[:-1] + ["17"], capture_output=True, text=True, timeout=600)
-    assert res.returncode == 1 and "holds a job with other settings" in res.stderr
+    # another format into the same directory: refused before the weights load, naming what differs
+    res = subprocess.run(cmd + ["--format", "label"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 1 and "holds a job with other settings: chat_template, format, prompt differ" in res.stderr
+
+
+def test_judge_renders_prompts_like_training(smol, monkeypatch):
+    """judge() builds every prompt with prompts.prompt_ids (pinned chat variables) in the chosen format."""
+    model, tok = smol
+    seen = []
+    real = rerank.generate
+    monkeypatch.setattr(rerank, "generate", lambda m, p, **k: seen.append(p) or real(m, p, **k))
+    docs = [("d1", "Paris is the capital of France."), ("d2", "Bananas are yellow.")]
+    for fmt in prompts.FORMATS:
+        js = rerank.judge(model, tok, "Capital of France?", docs, fmt=fmt, max_new_tokens=4)
+        assert seen[-1] == [prompts.prompt_ids(tok, "Capital of France?", d, fmt) for _, d in docs]
+        assert [j.docid for j in js] == ["d1", "d2"]
+    assert "explain" in tok.decode(seen[0][0]) and "explain" not in tok.decode(seen[1][0])
+    # a label-only completion is scored from its label step like an explained one
+    ids = label_token_ids(tok)
+    tokens = tok.encode("Relevance Label: 1 ##", add_special_tokens=False)
+    watched = [[math.log(0.5), math.log(0.25), math.log(0.25)] for _ in tokens]
+    assert expected_label(tokens, watched, tok, ids) == pytest.approx(0.25 + 2 * 0.25)
+
+
+def test_resume_rejudges_what_changed(smol_dir, tmp_path, monkeypatch):
+    """A query's line is reused only when it was made from the same prompt format, query text and
+    top-k documents (ids, order and text as the model sees it)."""
+    tok = minirank.Tokenizer.from_dir(smol_dir)
+    calls = []
+
+    def fake_judge(model, tok, query, docs, fmt="explain", **kw):
+        calls.append((query, [d for d, _ in docs], fmt))
+        return [Judgement(d, 1, float(len(text) % 3), "") for d, text in docs]
+
+    monkeypatch.setattr(rerank, "judge", fake_judge)
+    queries = {"q1": "first?", "q2": "second?"}
+    docs = {"a": "alpha", "b": "beta", "c": "gamma " + "x" * prompts.MAX_DOC_CHARS}
+    run = {"q1": {"a": 3.0, "b": 2.0, "c": 1.0}, "q2": {"c": 2.0, "a": 1.0}}
+    out = tmp_path / "j.jsonl"
+    go = lambda **kw: rerank.rerank_run(None, tok, queries, docs, run, out, **{"top_k": 2, **kw})
+    first = go()
+    assert [c[0] for c in calls] == ["first?", "second?"]
+    calls.clear()
+    assert go() == first and calls == []  # nothing changed: all from the file
+    docs["b"] = "beta, revised"  # in q1's top 2 only
+    go()
+    assert calls == [("first?", ["a", "b"], "explain")]
+    calls.clear()
+    docs["c"] += "tail the model never sees"  # past MAX_DOC_CHARS: same judgement
+    go()
+    assert calls == []
+    run["q2"] = {"c": 2.0, "a": 1.0, "b": 5.0}  # a new first-stage top-k for q2
+    go()
+    assert calls == [("second?", ["b", "c"], "explain")]
+    calls.clear()
+    queries["q1"] = "first, reworded?"
+    go(fmt="label")  # and another format: everything again
+    assert calls == [("first, reworded?", ["a", "b"], "label"), ("second?", ["b", "c"], "label")]
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["qid"] for r in recs] == ["q1", "q2"]  # stale lines are replaced, not piled up
+    calls.clear()
+    go(top_k=3, fmt="label")
+    assert [c[1] for c in calls] == [["a", "b", "c"], ["b", "c", "a"]]
+
+
+def _rerank_cli():
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("rerank_cli", Path(__file__).resolve().parents[1] / "rerank.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_job_settings_cover_everything_that_changes_a_judgement(smol_dir, tmp_path, monkeypatch):
+    import argparse
+    cli = _rerank_cli()
+    tok = minirank.Tokenizer.from_dir(smol_dir)
+    args = argparse.Namespace(model="m", dtype="float32", format="explain", top_k=2, max_new_tokens=16)
+    queries, docs = {"q": "why?"}, {"a": "A", "b": "B", "c": "C"}
+    run = {"q": {"a": 3.0, "b": 2.0, "c": 1.0}}
+    settings = lambda: cli.job_settings(args, smol_dir, tok, queries, docs, run)
+    base = settings()
+    cli.check_settings(tmp_path, base)
+    cli.check_settings(tmp_path, settings())  # the same job resumes
+
+    def differs(*keys):
+        now = settings()
+        assert sorted(k for k in now if now[k] != base[k]) == sorted(keys)
+        if keys:
+            with pytest.raises(cli.JobError, match=f"other settings: {', '.join(sorted(keys))} differ"):
+                cli.check_settings(tmp_path, now)
+
+    docs["b"] = "B2"
+    differs("documents")
+    docs["c"] = "C2"  # below the top-k: no document the reranker reads
+    docs["b"] = "B"
+    differs()
+    queries["q"] = "how?"
+    differs("queries")
+    queries["q"] = "why?"
+    run["q"]["c"] = 2.5
+    differs("documents", "run")
+    run["q"]["c"] = 1.0
+    monkeypatch.setattr(cli, "MAX_DOC_CHARS", 100)
+    monkeypatch.setattr(prompts, "MAX_DOC_CHARS", 100)
+    differs("chat_template", "max_doc_chars", "prompt")
+    monkeypatch.undo()
+    tok.chat_template = tok.chat_template.replace("<|im_start|>", "<|im_start|> ")
+    differs("chat_template")
+    monkeypatch.setattr(prompts, "INSTRUCTIONS", {**prompts.INSTRUCTIONS, "explain": "Judge."})
+    differs("chat_template", "prompt")
