@@ -7,7 +7,8 @@ Stages: questions (stackexchange.py: two streaming passes) -> documents (crawl.p
 --documents answers: no web at all) -> negatives (bm25.py over every question's documents) -> teacher
 (teacher.py) -> DIR/pairs.jsonl, train.jsonl, val.jsonl, summary.json.
 
-Resuming: every labelled (or failed) pair is appended to pairs.jsonl and fsync'ed as it completes;
+Resuming: every labelled (or failed) pair is appended to pairs.jsonl and fsync'ed as it completes
+(pairs completing together share one fsync);
 pages live in the page cache. Rerunning the same command redoes the cheap deterministic stages
 (reading, BM25), skips every pair already in pairs.jsonl and labels the rest. settings.json holds the
 settings that decide the output; a run dir written with other settings is refused. train/val/summary
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from . import prompts
 from .crawl import USER_AGENT, Crawler, PageCache
-from .stackexchange import BrightFilter, DumpError, read_questions
+from .stackexchange import BrightFilter, DumpError, iter_rows, read_questions
 from .teacher import APITeacher, LocalTeacher, TeacherFatal
 
 
@@ -193,7 +194,7 @@ def make_teacher(args):
 
 def documents(args, questions, out: Path):
     """{qid: [(doc id, kind)]} in priority order, a text getter, and link statistics."""
-    per_q, links = {}, {"found": 0, "unique": 0, "used": 0, "status": {}}
+    per_q, links = {}, {"found": 0, "unique": 0, "used": 0}
     if args.documents == "answers":
         texts = {}
         for q in questions:
@@ -218,7 +219,10 @@ def documents(args, questions, out: Path):
                       max_bytes=args.max_page_bytes, max_redirects=args.max_redirects, retries=args.fetch_retries,
                       user_agent=args.user_agent)
     status = crawler.crawl(used, offline=args.offline, refetch_failed=args.refetch_failed, progress=_progress(args))
-    links["status"] = dict(Counter(status.values()))
+    n = Counter(status.values())
+    # used = fetched + refused_robots + sum(failed) + offline
+    links.update(fetched=n.pop("ok", 0), refused_robots=n.pop("robots", 0), offline=n.pop("offline", 0),
+                 failed=dict(sorted(n.items())))
     for q in questions:
         per_q[q.id] = [(u, "linked") for u in want[q.id] if status.get(u) == "ok"]
 
@@ -278,6 +282,9 @@ def run(args) -> int:
                              "(set $MINIRANK_BRIGHT or pass DIR)")
         args.exclude_bright = str(Path(bdir).resolve())
         exclude = BrightFilter(bdir)
+    rows = iter_rows(posts)
+    next(rows, None)  # a file that is not a Posts.xml fails here, in a second, not after the teacher check
+    rows.close()
     settings = _settings(args)
     teacher = make_teacher(args)  # fail fast (unreachable, 401, unknown model) before hours of crawling
     _check_settings(out, settings)
@@ -315,21 +322,22 @@ def run(args) -> int:
             bar = tqdm(total=len(todo), desc="teacher", unit="pair")
         with open(pairs_path, "a", encoding="utf-8") as f:
             try:
-                for pid, res in teacher.label(items()):
-                    _, q, d, kind = by_id[pid]
-                    rec = {"pair_id": pid, "question_id": q.id, "query": q.query, "url": d, "kind": kind,
-                           "document": (text(d) or "")[: prompts.MAX_DOC_CHARS],
-                           "explanation": res.explanation if res.label is not None else "",
-                           "label": res.label, "teacher": teacher.name, "prompt_hash": phash, "format": args.format,
-                           "failure": res.failure, "detail": res.detail or None, "attempts": res.attempts,
-                           "usage": res.usage}
-                    if res.label is None:
-                        rec["raw"] = res.text[-2000:]
-                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                for batch in teacher.label(items()):
+                    for pid, res in batch:
+                        _, q, d, kind = by_id[pid]
+                        rec = {"pair_id": pid, "question_id": q.id, "query": q.query, "url": d, "kind": kind,
+                               "document": (text(d) or "")[: prompts.MAX_DOC_CHARS],
+                               "explanation": res.explanation if res.label is not None else "",
+                               "label": res.label, "teacher": teacher.name, "prompt_hash": phash,
+                               "format": args.format, "failure": res.failure, "detail": res.detail or None,
+                               "attempts": res.attempts, "usage": res.usage}
+                        if res.label is None:
+                            rec["raw"] = res.text[-2000:]
+                        f.write(json.dumps(rec, ensure_ascii=False) + "\n")
                     f.flush()
-                    os.fsync(f.fileno())
+                    os.fsync(f.fileno())  # one fsync per batch of completed pairs (group commit)
                     if bar is not None:
-                        bar.update(1)
+                        bar.update(len(batch))
             except TeacherFatal as e:
                 fatal = e
         if bar is not None:

@@ -2,7 +2,9 @@
 (vLLM, llama.cpp server, SGLang, any hosted endpoint) with many requests in flight, or a local model
 run through `minirank.generate`.
 
-Both take (key, query, document) items and yield (key, Result) as results complete. A Result is a
+Both take (key, query, document) items and yield lists of (key, Result) as results complete: a list
+holds everything that finished since the last one, so the caller can make them durable with one fsync
+(group commit: an fsync costs milliseconds, a per-result fsync would cap the rate near 250/s). A Result is a
 label with its explanation, or a failure with its cause; problems that make every further request
 pointless (bad API key, unknown model, no server) raise `TeacherFatal` instead.
 """
@@ -84,6 +86,10 @@ class APITeacher:
         self.backoff, self.max_wait, self.key_env = backoff, max_wait, key_env
         self.name = model
         self.session = requests.Session()
+        # one URL for the whole run: resolve HTTP(S)_PROXY/NO_PROXY once instead of per request
+        # (requests' per-request environment merge, netrc lookup included, costs ~0.3 ms of CPU)
+        self.session.proxies = requests.utils.get_environ_proxies(self.url)
+        self.session.trust_env = False
         adapter = requests.adapters.HTTPAdapter(pool_connections=2, pool_maxsize=max(10, inflight))
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
@@ -176,7 +182,7 @@ class APITeacher:
         return res
 
     def label(self, items):
-        """items: iterable of (key, query, document); yields (key, Result) in completion order."""
+        """items: iterable of (key, query, document); yields [(key, Result), ...] in completion order."""
         items = iter(items)
         with ThreadPoolExecutor(self.inflight) as pool:
             pending = {}
@@ -192,10 +198,9 @@ class APITeacher:
                 fill()
                 while pending:
                     done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                    for f in done:
-                        key = pending.pop(f)
-                        yield key, f.result()  # re-raises TeacherFatal
-                    fill()
+                    batch = [(pending.pop(f), f.result()) for f in done]  # f.result() re-raises TeacherFatal
+                    fill()  # refill before the caller's (slow) write
+                    yield batch
             finally:
                 self.stop.set()  # on fatal/close: in-flight retries give up at once
                 for f in pending:
@@ -228,6 +233,7 @@ class LocalTeacher:
             ids = [prompts.prompt_ids(self.tok, q, d, self.fmt) for _, q, d in batch]
             out = minirank.generate(self.model, ids, max_new_tokens=self.max_new_tokens, temperature=0.0,
                                     stop_strings=[prompts.STOP], tokenizer=self.tok, batch_size=self.batch_size)
+            results = []
             for (key, _, _), p, toks, text, why in zip(batch, ids, out.tokens, out.texts, out.finish_reasons):
                 res = Result(text=text, attempts=1,
                              usage={"prompt_tokens": len(p), "completion_tokens": len(toks)})
@@ -235,4 +241,5 @@ class LocalTeacher:
                 if res.label is None:
                     res.failure = "unparseable"
                     res.detail = ("hit max_new_tokens; " if why == "length" else "") + text[-200:]
-                yield key, res
+                results.append((key, res))
+            yield results

@@ -100,7 +100,7 @@ def test_answers_before_questions_and_html(tmp_path):
     assert read_questions(gz)[0][0].query == q.query
 
 
-def test_not_a_posts_file(tmp_path):
+def test_not_a_posts_file(tmp_path, capsys):
     bad = tmp_path / "Users.xml"
     bad.write_text('<?xml version="1.0"?>\n<users>\n  <row Id="1" />\n</users>\n')
     with pytest.raises(DumpError, match="not a StackExchange Posts.xml"):
@@ -109,11 +109,16 @@ def test_not_a_posts_file(tmp_path):
     junk.write_bytes(b"\x00\x01 binary")
     with pytest.raises(DumpError, match="not a StackExchange Posts.xml"):
         read_questions(junk)
-    # through the CLI: one line, exit 2
-    r = subprocess.run([sys.executable, "-m", "minirank.datagen", "--posts", str(bad), "--out", str(tmp_path / "o"),
-                        "--teacher-url", "http://127.0.0.1:9", "--teacher-model", "m", "--documents", "answers"],
-                       capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
+    # through the CLI entry point: one line, exit 2
+    capsys.readouterr()
+    assert datagen.main(["--posts", str(bad), "--out", str(tmp_path / "o"), "--teacher-url", "http://127.0.0.1:9",
+                         "--teacher-model", "m", "--documents", "answers", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("train.py data: error: ") and "not a StackExchange Posts.xml" in err and err.count("\n") == 1
+    seven = tmp_path / "Posts.7z"
+    seven.write_bytes(b"7z\xbc\xaf\x27\x1c" + b"\x00" * 20)
+    with pytest.raises(DumpError, match="extract Posts.xml"):
+        read_questions(seven)
 
 
 @pytest.mark.skipif(not (BRIGHT / "examples").is_dir(), reason="shared BRIGHT examples absent")
@@ -400,12 +405,12 @@ def test_end_to_end_kill_and_resume(tmp_path, servers, monkeypatch, capsys):
     assert (summary["questions"]["read"], summary["questions"]["filtered"], summary["questions"]["kept"]) == (15, 1, 14)
     # links: every used link accounted for, by cause
     L = summary["links"]
-    st = L["status"]
-    assert sum(st.values()) == L["used"] == 25 and L["found"] == 26  # ok1 is linked twice
-    assert st["robots"] == 2            # linked directly, and reached through a redirect
-    assert st["http_404"] == 1 and st["too_large"] == 1 and st["content_type"] == 1
-    assert st["too_many_redirects"] == 1 and st["timeout"] == 1 and st["bad_url"] == 1
-    assert st["ok"] == 25 - 8
+    assert L["found"] == 26 and L["used"] == 25  # ok1 is linked twice
+    assert L["fetched"] + L["refused_robots"] + sum(L["failed"].values()) + L["offline"] == L["used"]
+    assert L["refused_robots"] == 2  # linked directly, and reached through a redirect
+    assert L["failed"] == {"http_404": 1, "too_large": 1, "content_type": 1, "too_many_redirects": 1,
+                           "timeout": 1, "bad_url": 1}
+    assert L["fetched"] == 25 - 8 and L["offline"] == 0
     # the forbidden path never requested, by either run; every good page fetched once over both runs
     pa = S["a"].paths()
     assert not [p for p in pa if p.startswith("/private/")]
@@ -419,7 +424,7 @@ def test_end_to_end_kill_and_resume(tmp_path, servers, monkeypatch, capsys):
     P = summary["pairs"]
     assert P["pending"] == 0 and P["not_in_plan"] == 0
     assert P["labelled"] + P["failed"] == P["planned"] == len(ids)
-    assert P["planned"] == (st["ok"] + 1) + 14  # ok1 belongs to two questions; one negative per question
+    assert P["planned"] == (L["fetched"] + 1) + 14  # ok1 belongs to two questions; one negative per question
     T = summary["teacher"]
     # questions 3 and 4 have one fetched page each + their negative; the teacher never labels them
     assert T["failures"] == {"unparseable": 2, "http_500": 2}
@@ -455,6 +460,14 @@ def test_end_to_end_kill_and_resume(tmp_path, servers, monkeypatch, capsys):
     n_post = sum(1 for m, _, _ in S["teacher"].log if m == "POST")
     assert datagen.main(cmd[3:]) == 0 and pairs.read_text().count("\n") == len(ids)
     assert sum(1 for m, _, _ in S["teacher"].log if m == "POST") == n_post
+    # --offline with the page cache of the first run: no host contacted, cached outcomes reused
+    n_pages = len(S["a"].log) + len(S["b"].log) + len(S["slow"].log)
+    out2 = tmp_path / "run2"
+    assert datagen.main(_cmd(posts, out2, S, "--offline", "--cache", str(out / "pages"), "--max-questions", "2")[3:]) == 0
+    assert len(S["a"].log) + len(S["b"].log) + len(S["slow"].log) == n_pages
+    L2 = json.loads((out2 / "summary.json").read_text())["links"]
+    assert (L2["used"], L2["fetched"], L2["refused_robots"], L2["failed"]) == (6, 3, 1, {"http_404": 1, "too_large": 1})
+
     capsys.readouterr()
     assert datagen.main(_cmd(posts, out, S, "--format", "label")[3:]) == 2
     err = capsys.readouterr().err
