@@ -98,12 +98,7 @@ def read_rows(path, columns=None):
                     raise DataError(f"{path}:{lineno}: not UTF-8 text") from None
                 if not line.strip():
                     continue
-                try:
-                    row = json.loads(line)
-                except ValueError as e:
-                    raise DataError(f"{path}:{lineno}: not a JSON object ({e})") from e
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+                row = _json_object(line, f"{path}:{lineno}")
                 rows.append({k: row.get(k) for k in columns} if columns else row)
         except (OSError, EOFError) as e:
             raise DataError(f"{path}: not a readable gzip file ({e})") from e
@@ -150,13 +145,18 @@ def read_run(path):
     return run
 
 
-def _json_run(text, path):
+def _json_object(text, where, expect="a JSON object"):
     try:
-        run = json.loads(text)
+        obj = json.loads(text)
     except ValueError as e:
-        raise DataError(f"{path}: invalid JSON run ({e})") from e
-    if not isinstance(run, dict):
-        raise DataError(f"{path}: a JSON run must be an object {{qid: {{docid: score}}}}")
+        raise DataError(f"{where}: not {expect} ({e})") from e
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected {expect}, got {type(obj).__name__}")
+    return obj
+
+
+def _json_run(text, path):
+    run = _json_object(text, path, "a JSON run {qid: {docid: score}}")
     out = {}
     for qid, docs in run.items():
         if not isinstance(docs, dict):

@@ -154,6 +154,15 @@ def test_cli_errors_without_traceback(tmp_path, capsys):
         main(["evaluate", "--run", "x", "--examples", "y", "--metrics", "bleu@3"])
 
 
+def test_one_name_one_meaning():
+    """bright.py is about BRIGHT: file I/O lives in minirank.files, hub settings in minirank.hub, and
+    LABELS means the relevance labels (prompts.py) only."""
+    for name in ("LABELS", "DEFAULT_ENDPOINT", "cache_dir", "hub_url", "_atomic_write", "_open_text", "RUN_SUFFIXES"):
+        assert not hasattr(bright, name), name
+    assert issubclass(BrightError, DataError) and not issubclass(DataError, BrightError)
+    assert len(bright.DOMAIN_HEADS) == len(DOMAINS)
+
+
 def test_report_layout():
     rows = {"sys": {d: {"ndcg@10": (i + 1) / 100} for i, d in enumerate(DOMAINS)},
             "partial": {"biology": 0.5, "pony": 0.25}}
