@@ -48,9 +48,11 @@ _VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "me
 _BLOCKS = {"p", "div", "section", "article", "main", "pre", "blockquote", "li", "ul", "ol", "dl", "dt",
            "dd", "table", "tr", "td", "th", "h1", "h2", "h3", "h4", "h5", "h6", "br", "hr", "figure",
            "figcaption", "body", "html", "caption", "address", "details", "summary"}
-_BOILER = re.compile(r"(^|[\s_-])(nav|navbar|menu|sidebar|footer|header|breadcrumbs?|cookie|consent|banner|"
+_BOILER = re.compile(r"(^|[\s_-])(nav|navbar|navbox|menu|sidebar|footer|header|breadcrumbs?|cookie|consent|banner|"
                      r"advert|ads?|sponsor|share|social|related|comments?|popup|modal|newsletter|subscribe|"
-                     r"skip-link|toolbar)($|[\s_-])", re.I)
+                     r"skip-link|toolbar|meta|byline|tags|infobox|references?|editsection|catlinks|noprint|"
+                     r"copyright|legal|pagination|widget|toc)($|[\s_-])", re.I)
+_LEGAL = re.compile(r"^(©|\(c\)|copyright\b)|©\s*\d{4}|all rights reserved", re.I)
 
 
 class _Extractor(HTMLParser):
@@ -149,7 +151,9 @@ def html_text(html: str) -> str:
         pass
     p._flush()
     # menus and link lists: short blocks that are mostly link text
-    blocks = [(t, m) for t, link, m in p.blocks if not (link > 0.6 * len(t) and len(t) < 300)]
+    # and copyright lines
+    blocks = [(t, m) for t, link, m in p.blocks
+              if not (link > 0.6 * len(t) and len(t) < 300) and not (len(t) < 200 and _LEGAL.search(t))]
     total = sum(len(t) for t, _ in blocks)
     main = sum(len(t) for t, m in blocks if m)
     if main and main >= 0.5 * total:
