@@ -410,7 +410,8 @@ class Crawler:
                         cv.wait(timeout=(heap[0][0] - now) if heap else 1.0)
                 if h.robots is None:
                     h.robots = self._robots(k)
-                    self.requests += 1
+                    with cv:
+                        self.requests += 1
                     rp = h.robots[0]
                     if rp:
                         cd = rp.crawl_delay(self.user_agent)
@@ -426,7 +427,8 @@ class Crawler:
                         release(k, h, None)  # no request made: no delay owed
                     finish(Page(job.url, cause, job.cur))
                     continue
-                self.requests += 1
+                with cv:
+                    self.requests += 1
                 res = self._request(job)
                 wait = h.delay
                 if res[0] == "redirect":

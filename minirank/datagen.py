@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-tokens", type=int, default=1024, help="longest teacher answer, tokens")
     g.add_argument("--teacher-retries", type=int, default=6,
                    help="retries on 429/5xx/timeouts/connection errors/malformed responses (exponential backoff, Retry-After)")
+    g.add_argument("--teacher-backoff", type=float, default=1.0,
+                   help="first retry waits this many seconds, doubling each time (capped at 60; Retry-After wins)")
     g.add_argument("--parse-retries", type=int, default=2, help="API retries of an answer without a parseable label")
     g.add_argument("--request-timeout", type=float, default=120.0, help="seconds per API request")
     g.add_argument("--retry-failed", action="store_true",
@@ -187,7 +189,8 @@ def make_teacher(args):
         raise UsageError("--teacher-url needs --teacher-model NAME")
     key = os.environ.get(args.api_key_env) or None
     t = APITeacher(args.teacher_url, args.teacher_model, key, args.format, args.inflight, args.max_tokens,
-                   args.teacher_retries, args.parse_retries, args.request_timeout, key_env=args.api_key_env)
+                   args.teacher_retries, args.parse_retries, args.request_timeout, backoff=args.teacher_backoff,
+                   key_env=args.api_key_env)
     t.check()
     return t
 

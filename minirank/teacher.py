@@ -173,6 +173,10 @@ class APITeacher:
                         continue
             transient += 1
             if transient > self.retries:
+                if cause == "connection":  # the server is gone, not this pair's fault: stop, keep it pending
+                    self.stop.set()
+                    raise TeacherFatal(f"teacher {self.url} stopped answering ({res.attempts} connection "
+                                       f"failures in a row); rerun the same command to continue")
                 res.failure = cause
                 res.detail = res.detail or f"after {res.attempts} attempts"
                 return res
@@ -184,6 +188,7 @@ class APITeacher:
     def label(self, items):
         """items: iterable of (key, query, document); yields [(key, Result), ...] in completion order."""
         items = iter(items)
+        self.stop.clear()
         with ThreadPoolExecutor(self.inflight) as pool:
             pending = {}
 
@@ -199,6 +204,8 @@ class APITeacher:
                 while pending:
                     done, _ = wait(pending, return_when=FIRST_COMPLETED)
                     batch = [(pending.pop(f), f.result()) for f in done]  # f.result() re-raises TeacherFatal
+                    # cut short by another request's fatal error: no outcome, the pair stays pending
+                    batch = [(k, r) for k, r in batch if r.failure != "stopped"]
                     fill()  # refill before the caller's (slow) write
                     yield batch
             finally:

@@ -267,7 +267,7 @@ def host_b(h):  # no robots.txt (404: everything allowed); target of a cross-hos
 def host_slow(h):  # answers its robots.txt, then every page too slowly
     if h.path == "/robots.txt":
         return h.send(200, "User-agent: *\nAllow: /\n", "text/plain")
-    time.sleep(2.0)
+    time.sleep(2.5)
     try:
         h.send(200, _page("Slow", "slow page"))
     except OSError:
@@ -370,8 +370,8 @@ def _e2e_posts(path: Path, S):
 def _cmd(posts, out, S, *extra):
     return [sys.executable, "-m", "minirank.datagen", "--posts", str(posts), "--out", str(out),
             "--teacher-url", S["teacher"].url + "/v1", "--teacher-model", "judge-70b", "--api-key-env", "TEACHER_KEY",
-            "--min-score", "0", "--inflight", "4", "--teacher-retries", "2", "--parse-retries", "1",
-            "--host-delay", "0.05", "--fetch-timeout", "0.7", "--fetch-retries", "1", "--max-page-bytes", "50000",
+            "--min-score", "0", "--inflight", "4", "--teacher-retries", "2", "--parse-retries", "1", "--teacher-backoff", "0.1",
+            "--host-delay", "0.05", "--fetch-timeout", "1.0", "--fetch-retries", "1", "--max-page-bytes", "50000",
             "--max-redirects", "3", "--val-fraction", "0.3", "--quiet", *extra]
 
 
@@ -520,6 +520,21 @@ def test_teacher_fatal_errors(tmp_path, servers):
     try:
         assert run("o5", srv.url, "x") == 2
         assert [m for m, _, _ in srv.log] == ["GET", "POST"]
+    finally:
+        srv.close()
+    # a server that goes away mid-run: stop (exit 2) after the retries, record nothing as failed
+    def gone(h):
+        if h.command == "GET":
+            return h.send(200, json.dumps({"data": [{"id": "judge-70b"}]}), "application/json")
+        h.close_connection = True
+        h.connection.shutdown(socket.SHUT_RDWR)
+    srv = _Server(gone)
+    try:
+        base += ["--teacher-retries", "2", "--teacher-backoff", "0.01"]
+        assert run("o6", srv.url, "judge-70b") == 2
+        assert [m for m, _, _ in srv.log] == ["GET", "POST", "POST", "POST"]
+        assert (tmp_path / "o6" / "pairs.jsonl").read_text() == ""
+        assert json.loads((tmp_path / "o6" / "summary.json").read_text())["pairs"]["pending"] == 1
     finally:
         srv.close()
     assert run("o4", S["teacher"].url, "judge-70b") == 0
