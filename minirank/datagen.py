@@ -126,7 +126,8 @@ def _settings(args) -> dict:
     }
 
 
-def _check_settings(out: Path, settings: dict):
+def _check_settings(out: Path, settings: dict, write: bool):
+    """Refuse a run dir written with other settings; write them (write=True) into a new one."""
     p = out / "settings.json"
     if p.exists():
         try:
@@ -137,7 +138,7 @@ def _check_settings(out: Path, settings: dict):
         if diff:
             d = ", ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in diff[:4])
             raise UsageError(f"{out} was written with other settings ({d}); use a new --out")
-    else:
+    elif write:
         _write_json(p, settings)
 
 
@@ -289,8 +290,9 @@ def run(args) -> int:
     next(rows, None)  # a file that is not a Posts.xml fails here, in a second, not after the teacher check
     rows.close()
     settings = _settings(args)
+    _check_settings(out, settings, write=False)  # before loading a local teacher model
     teacher = make_teacher(args)  # fail fast (unreachable, 401, unknown model) before hours of crawling
-    _check_settings(out, settings)
+    _check_settings(out, settings, write=True)  # only now: a mistyped model name must not claim the dir
     progress = _progress(args)
 
     tags = [t.strip() for t in args.tags.split(",") if t.strip()] if args.tags else None

@@ -368,7 +368,7 @@ def _e2e_posts(path: Path, S):
 
 
 def _cmd(posts, out, S, *extra):
-    return [sys.executable, "-m", "minirank.datagen", "--posts", str(posts), "--out", str(out),
+    return [sys.executable, "train.py", "data", "--posts", str(posts), "--out", str(out),
             "--teacher-url", S["teacher"].url + "/v1", "--teacher-model", "judge-70b", "--api-key-env", "TEACHER_KEY",
             "--min-score", "0", "--inflight", "4", "--teacher-retries", "2", "--parse-retries", "1", "--teacher-backoff", "0.1",
             "--host-delay", "0.05", "--fetch-timeout", "1.0", "--fetch-retries", "1", "--max-page-bytes", "50000",
@@ -507,6 +507,7 @@ def test_teacher_fatal_errors(tmp_path, servers):
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"
     assert run("o1", dead, "judge-70b") == 2
     assert run("o2", S["teacher"].url, "no-such-model") == 2
+    assert not (tmp_path / "o2" / "settings.json").exists()  # a typo must not claim the run dir
     n = len(S["teacher"].log)
     assert run("o3", S["teacher"].url, "judge-70b", key="wrong") == 2
     # /v1/models, then one chat request answered 401: stopped at once, no retries
