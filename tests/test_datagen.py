@@ -293,6 +293,7 @@ def teacher_routes(h):
     key = hashlib.sha1(content.encode()).hexdigest()
     with TEACHER_LOCK:
         TEACHER_SEEN[key] = k = TEACHER_SEEN.get(key, 0) + 1
+        TEACHER_TIMES.setdefault(key, []).append((time.monotonic(), int(key, 16) % 7))
     doc = content.split("Document:\n", 1)[1]
     label = 2 if "espresso" in doc else 1 if "press" in doc or "moka" in doc else 0
     kind = int(key, 16) % 7  # 0-4: the first attempt fails in one of five ways; 5, 6: slow answers
@@ -323,12 +324,14 @@ def teacher_routes(h):
 
 TEACHER_LOCK = threading.Lock()
 TEACHER_SEEN = {}
+TEACHER_TIMES = {}
 
 
 @pytest.fixture
 def servers():
     SERVERS.clear()
     TEACHER_SEEN.clear()
+    TEACHER_TIMES.clear()
     SERVERS.update(a=_Server(host_a), b=_Server(host_b), slow=_Server(host_slow), teacher=_Server(teacher_routes))
     yield SERVERS
     for s in SERVERS.values():
@@ -461,6 +464,9 @@ def test_end_to_end_kill_and_resume(tmp_path, servers, monkeypatch, capsys):
     assert not ({x["question_id"] for x in train} & {x["question_id"] for x in val})
     assert set(train[0]) >= {"query", "document", "explanation", "label"}
 
+    # a 429's Retry-After (0.2 s) wins over the shorter backoff (--teacher-backoff 0.1)
+    waits = [t[1][0] - t[0][0] for t in TEACHER_TIMES.values() if t[0][1] == 0 and len(t) > 1]
+    assert waits and min(waits) >= 0.2
     # the API key: sent to the teacher, written nowhere, printed nowhere
     assert all(h.get("Authorization") == "Bearer sk-test-SECRET-42" for m, _, h in S["teacher"].log if m == "POST")
     for f in out.rglob("*"):
