@@ -4,10 +4,10 @@ answers, and turn post HTML into plain text.
 A dump's Posts.xml is one `<posts>` element holding one `<row .../>` per post, every field an
 attribute: `PostTypeId` 1 = question (Title, Body, Tags like `<a><b>`, Score, AcceptedAnswerId),
 2 = answer (ParentId, Body, Score). Bodies are HTML, escaped once more as XML attribute text. Rows are
-in Id order in the official dumps, but nothing here relies on it: questions are read in a first pass,
-their answers in a second, so an answer may come before or after its question. Each pass is an
-`iterparse` stream whose rows are cleared as soon as they are read; what stays in memory is only the
-kept questions (bounded by `max_questions`) and their answers.
+in Id order in the official dumps (an answer after its question), but nothing here relies on it: an
+answer that comes first waits in a buffer, and a second pass collects them if there are too many. The
+file is an `iterparse` stream whose rows are cleared as soon as they are read; what stays in memory is
+the kept questions (bounded by `max_questions`) with their answers, and one bit per question id.
 """
 
 import gzip
@@ -171,34 +171,78 @@ class ReadStats:
     links: int = 0     # links in the kept questions' answers (with repeats)
 
 
+class _IdSet:
+    """Ids seen so far: a bitmap for integer ids (10 MB covers 80M posts), a set for anything else."""
+
+    def __init__(self):
+        self.bits, self.other = bytearray(), set()
+
+    def add(self, i: str):
+        n = int(i) if i.isdigit() else -1
+        if n < 0:
+            self.other.add(i)
+            return
+        if (n >> 3) >= len(self.bits):
+            self.bits.extend(bytes(max((n >> 3) + 1 - len(self.bits), len(self.bits))))
+        self.bits[n >> 3] |= 1 << (n & 7)
+
+    def __contains__(self, i) -> bool:
+        if not i or not i.isdigit():
+            return i in self.other
+        n = int(i)
+        return (n >> 3) < len(self.bits) and bool(self.bits[n >> 3] & (1 << (n & 7)))
+
+
 def read_questions(path, min_score=None, require_accepted=False, tags=None, max_questions=None,
-                   exclude=None, progress=False) -> tuple[list[Question], ReadStats]:
+                   exclude=None, progress=False, early_cap=1_000_000) -> tuple[list[Question], ReadStats]:
     """Questions of a dump that pass the filters, in file order, each with its answers.
 
     min_score: keep questions with Score >= min_score. require_accepted: keep only questions with an
     accepted answer. tags: keep questions carrying any of these tags. exclude: a callable
-    (title, body) -> bool dropping a question (counted in stats.excluded). max_questions: stop after
-    this many kept questions (pass 1 stops reading there)."""
+    (title, body) -> bool dropping a question (counted in stats.excluded). max_questions: keep the
+    first this many questions that pass (the file is still read to the end for their answers).
+
+    One pass in the usual case: an answer whose question was already read is kept or dropped at once;
+    one whose question has not been read yet waits in a buffer (official dumps are in Id order, so it
+    stays empty). Only when more than `early_cap` answers wait is the buffer dropped for a second pass.
+    """
     st = ReadStats()
     tags = set(tags or ())
     kept: dict[str, Question] = {}
+    seen = _IdSet()   # every question id read so far, kept or not
+    early = []        # (parent id, answer row) of answers read before their question
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(desc="questions", unit=" rows")
-    # pass 1: questions (title/body converted only for those that pass the cheap filters)
+        bar = tqdm(desc="posts", unit=" rows", unit_scale=True)
+
+    def attach(q, a):
+        text, links = post_text(a.get("Body"))
+        q.answers.append(Answer(a["Id"], _int(a.get("Score")), text, links))
+        st.answers_kept += 1
+        st.links += len(links)
+
     for a in iter_rows(path):
         st.rows += 1
         if bar is not None and st.rows % 10_000 == 0:
             bar.update(10_000)
         if a["PostTypeId"] == "2":
             st.answers += 1
+            parent = a.get("ParentId") or ""
+            q = kept.get(parent)
+            if q is not None:
+                attach(q, a)
+            elif early is not None and parent not in seen:
+                early.append((parent, {k: a.get(k) for k in ("Id", "Score", "Body")}))
+                if len(early) > early_cap:
+                    early = None  # too many to hold: collect them with a second pass instead
             continue
         if a["PostTypeId"] != "1":
             continue
         st.questions += 1
+        seen.add(a["Id"])
         if max_questions is not None and len(kept) >= max_questions:
-            continue  # keep counting rows so the summary says how many there were
+            continue  # keep reading: answers of kept questions may come later, and the counts
         qtags = parse_tags(a.get("Tags"))
         score = _int(a.get("Score"))
         accepted = a.get("AcceptedAnswerId")
@@ -215,16 +259,17 @@ def read_questions(path, min_score=None, require_accepted=False, tags=None, max_
     if bar is not None:
         bar.update(st.rows % 10_000)
         bar.close()
-    # pass 2: the kept questions' answers, wherever they are in the file
-    if kept:
+    if early is not None:
+        for parent, a in early:
+            if parent in kept:
+                attach(kept[parent], a)
+    elif kept:  # second pass for the answers that came before their question
+        have = {x.id for q in kept.values() for x in q.answers}
         for a in iter_rows(path):
-            if a["PostTypeId"] == "2":
+            if a["PostTypeId"] == "2" and a["Id"] not in have:
                 q = kept.get(a.get("ParentId"))
                 if q is not None:
-                    text, links = post_text(a.get("Body"))
-                    q.answers.append(Answer(a["Id"], _int(a.get("Score")), text, links))
-                    st.answers_kept += 1
-                    st.links += len(links)
+                    attach(q, a)
     st.kept = len(kept)
     return list(kept.values()), st
 

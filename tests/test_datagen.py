@@ -94,10 +94,13 @@ def test_answers_before_questions_and_html(tmp_path):
     assert q.query == "Grind size? How fine <exactly>?"
     assert [a.id for a in q.ordered_answers()] == ["5", "6"]  # accepted first despite lower score
     assert q.links() == ["http://x.org/a?b=1&c=2"]
-    assert "a = 1\nb = 2" in q.answers[0].text
+    assert "a = 1\nb = 2" in q.ordered_answers()[0].text
     gz = tmp_path / "Posts.xml.gz"
     gz.write_bytes(gzip.compress(p.read_bytes()))
     assert read_questions(gz)[0][0].query == q.query
+    # more early answers than the buffer holds: a second pass finds them, nothing twice
+    qs2, st2 = read_questions(p, early_cap=0)
+    assert [a.id for a in qs2[0].ordered_answers()] == ["5", "6"] and st2.answers_kept == 2
 
 
 def test_not_a_posts_file(tmp_path, capsys):
