@@ -40,6 +40,7 @@ class KVCache:
     """Per layer, k and v buffers [slots, n_kv, max_len, head_dim], allocated once."""
 
     def __init__(self, cfg, slots, max_len, dtype, device):
+        self.slots, self.max_len = slots, max_len
         shape = (slots, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
@@ -237,10 +238,202 @@ def _default_stop_ids(model, tokenizer):
     return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
 
+# ---- how many slots: the KV cache is allocated up front, so its size is bounded before it exists
+
+KV_CACHE_BYTES = 4 * 2 ** 30  # default budget off-GPU
+KV_CACHE_GPU_FRACTION = 0.5  # default budget on CUDA: this share of the memory free at call time
+
+
+def default_kv_cache_bytes(device) -> int:
+    """The KV-cache budget when none is given: half the CUDA memory still free (the weights are
+    loaded by then; the other half is for activations and the [batch, vocab] logits), 4 GiB elsewhere."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(KV_CACHE_GPU_FRACTION * torch.cuda.mem_get_info(device)[0])
+    return KV_CACHE_BYTES
+
+
+def kv_bytes_per_slot(cfg, max_len: int, dtype: torch.dtype) -> int:
+    """K and V of every layer for one sequence of max_len tokens."""
+    return cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * max_len * dtype.itemsize
+
+
+def _slot_count(cfg, rows, batch_size, max_len, dtype, budget):
+    per_slot = kv_bytes_per_slot(cfg, max_len, dtype)
+    if per_slot > budget:
+        raise ValueError(
+            f"generate: one sequence of up to {max_len} tokens needs {per_slot / 2 ** 20:.1f} MiB of KV cache "
+            f"({cfg.num_hidden_layers} layers x k,v x {cfg.num_key_value_heads} kv heads x {cfg.head_dim} x "
+            f"{dtype}), more than kv_cache_bytes={budget} ({budget / 2 ** 20:.1f} MiB): raise kv_cache_bytes "
+            f"or use shorter prompts / fewer max_new_tokens")
+    return min(batch_size or rows, rows, budget // per_slot)
+
+
+# ---- the rows: what each has produced, and when it is done
+
+class _Rows:
+    """Every row's output so far (an unfinished `Generation`) and the rule that ends a row."""
+
+    def __init__(self, R, max_new_tokens, stops, stop_strings, decode, watch):
+        self.out = Generation([[] for _ in range(R)], [[] for _ in range(R)], [[] for _ in range(R)],
+                              ["length"] * R, watched=[[] for _ in range(R)] if watch else None,
+                              stats=dict(prefill_tokens=0, decode_steps=0, decode_rows=0))
+        self.max_new_tokens, self.stops, self.stop_strings, self.decode = max_new_tokens, stops, stop_strings, decode
+        # a stop string can only have been completed within its last few tokens: decode just that window
+        self.window = 2 * max((len(s) for s in stop_strings), default=0) + 8
+
+    def push(self, r, tok, lp, slp, w) -> bool:
+        """Record row r's next token; True once the row is finished."""
+        o = self.out
+        o.tokens[r].append(tok), o.logprobs[r].append(lp), o.sample_logprobs[r].append(slp)
+        if o.watched is not None:
+            o.watched[r].append(w)
+        if tok in self.stops:
+            o.finish_reasons[r] = "stop"
+            return True
+        if self.stop_strings:
+            text = self.decode(o.tokens[r][-self.window:])
+            if any(s in text for s in self.stop_strings):
+                o.finish_reasons[r] = "stop"
+                return True
+        return len(o.tokens[r]) >= self.max_new_tokens
+
+
+# ---- the slots: prefill -> fork -> decode -> refill, with all scheduling state in one place
+
+class _Slots:
+    """The decode batch. Row r is sample r % n of prompt r // n.
+
+    slot_row[s]  the row decoding in slot s (-1: idle)
+    pos[s]       its sequence length so far = where its next token's K/V go = that token's position
+    cur[s]       the token it feeds next
+    B            slots in the decode batch: all while rows wait, then only live ones (compaction)
+    waiting      rows without a slot yet, prompt-major, so a GRPO group arrives together
+    saved        prompt -> (K, V, last logits), kept while some of its rows still wait for a slot
+    left         prompt -> how many of its rows are not admitted yet
+    """
+
+    def __init__(self, model, prompts, n, rows: _Rows, cache: KVCache, key, sampling: dict,
+                 prefill_tokens: int, admit_min: int):
+        self.model, self.prompts, self.n, self.rows, self.cache = model, prompts, n, rows, cache
+        self.key, self.sampling = key, sampling  # sampling: temperature, top_k, top_p, watch
+        self.prefill_tokens, self.admit_min = prefill_tokens, admit_min
+        self.lengths = [len(p) for p in prompts]
+        self.stats = rows.out.stats
+        slots = cache.slots
+        self.slot_row, self.pos, self.cur, self.B = [-1] * slots, [0] * slots, [0] * slots, slots
+        self.waiting = deque(range(len(prompts) * n))
+        self.saved, self.left = {}, {}
+
+    def live(self) -> list[int]:
+        return [s for s in range(self.B) if self.slot_row[s] >= 0]
+
+    def refill(self):
+        """Give free slots to waiting rows. A prefill reads every weight once, like a decode step, so
+        on a CPU prefilling several prompts together is much cheaper than one by one; a slot idling a
+        few steps costs little (a decode step's price hardly depends on the batch)."""
+        while self.waiting and 0 < (free := self.slot_row[:self.B].count(-1)) and (
+                free >= min(self.admit_min, len(self.waiting)) or free == self.B):
+            self.admit()  # loops: a row can finish on its very first token and free its slot again
+
+    def admit(self):
+        """Waiting rows take the free slots: prefill their new prompts, fork each prompt's K/V to
+        the rest of its rows, sample every admitted row's first token."""
+        free = [s for s in range(self.B) if self.slot_row[s] < 0]
+        take = [self.waiting.popleft() for _ in range(min(len(free), len(self.waiting)))]
+        by_prompt = {}  # prompt -> the slots its admitted rows get
+        for r, s in zip(take, free):
+            by_prompt.setdefault(r // self.n, []).append(s)
+        first = self.prefill([p for p in by_prompt if p not in self.saved], by_prompt)
+        for p, ss in by_prompt.items():
+            first[p] = self.fork(p, ss, first.get(p))
+        self.first_tokens(take, free, first)
+
+    def prefill(self, new, by_prompt) -> dict:
+        """Prefill prompts `new` in chunks of at most `prefill_tokens` padded tokens, each into the first
+        slot it was given -> {prompt: logits after its last token}."""
+        first = {}
+        for chunk in _chunks(new, self.lengths, self.prefill_tokens):
+            logits = prefill(self.model, [self.prompts[p] for p in chunk], self.cache, [by_prompt[p][0] for p in chunk])
+            first.update(zip(chunk, logits))
+            self.left.update((p, self.n) for p in chunk)
+            self.stats["prefill_tokens"] += sum(self.lengths[p] for p in chunk)
+        return first
+
+    def fork(self, p, slots, logits):
+        """Copy prompt p's K/V into the slots of its other rows: the rest of a GRPO group reuses one
+        prefill, no recomputation. Returns the logits after the prompt's last token."""
+        L, cache, admitted = self.lengths[p], self.cache, len(slots)
+        if p in self.saved:  # a group admitted in pieces: its K/V were kept aside
+            k, v, logits = self.saved[p]
+        else:  # the first slot holds the fresh prefill
+            k = [c[slots[0], :, :L] for c in cache.k]
+            v = [c[slots[0], :, :L] for c in cache.v]
+            slots = slots[1:]
+        for s in slots:
+            for i in range(len(k)):
+                cache.k[i][s, :, :L] = k[i]
+                cache.v[i][s, :, :L] = v[i]
+        self.left[p] -= admitted
+        if self.left[p] and p not in self.saved:  # more rows than free slots: keep the prompt's K/V
+            self.saved[p] = ([t.clone() for t in k], [t.clone() for t in v], logits)
+        elif not self.left[p]:
+            self.saved.pop(p, None)
+            del self.left[p]
+        return logits
+
+    def first_tokens(self, take, free, first):
+        """Each admitted row's first new token comes from its prompt's last logits (step 0)."""
+        rows = torch.tensor(take, device=self.model.device)
+        logits = torch.stack([first[r // self.n] for r in take])
+        res = _sample_watch(logits, _uniform(self.key, rows, torch.zeros_like(rows)), **self.sampling)
+        for r, s, (tok, lp, slp, w) in zip(take, free, _to_host(res)):
+            if not self.rows.push(r, tok, lp, slp, w):
+                self.slot_row[s], self.pos[s], self.cur[s] = r, self.lengths[r // self.n], tok
+
+    def compact(self):
+        """With nothing left to admit, move live rows to the front so the batch is only live rows
+        (finished rows then cost nothing)."""
+        live = self.live()
+        if self.waiting or len(live) == self.B:
+            return
+        holes = [s for s in range(len(live)) if self.slot_row[s] < 0]
+        for dst, src in zip(holes, [s for s in live if s >= len(live)]):
+            self.cache.move(dst, src, self.pos[src])
+            self.slot_row[dst], self.pos[dst], self.cur[dst] = self.slot_row[src], self.pos[src], self.cur[src]
+            self.slot_row[src] = -1
+        self.B = len(live)
+
+    def decode(self, step_fn, fixed_shape: bool):
+        """One token for every slot of the batch; a finished row frees its slot."""
+        B, dev = self.B, self.model.device
+        if fixed_shape:
+            S = self.cache.max_len  # compiled: one shape forever, a single graph to capture
+        else:
+            # eager: attend over the longest live row only (rounded to 8), not the whole cache
+            S = min(self.cache.max_len, -(-(max(self.pos[:B]) + 1) // 8) * 8)
+        rows = [max(self.slot_row[s], 0) for s in range(B)]
+        steps = [len(self.rows.out.tokens[r]) for r in rows]
+        res = step_fn(self.model, self.cache.k, self.cache.v, torch.tensor(self.cur[:B], device=dev),
+                      torch.tensor(self.pos[:B], device=dev), S, torch.tensor(rows, device=dev),
+                      torch.tensor(steps, device=dev), self.key, **self.sampling)
+        self.stats["decode_steps"] += 1
+        self.stats["decode_rows"] += B
+        for s, (tok, lp, slp, w) in enumerate(_to_host(res)):
+            r = self.slot_row[s]
+            if r < 0:
+                continue  # an idle slot computed garbage at position 0 (compiled: fixed batch)
+            if self.rows.push(r, tok, lp, slp, w):
+                self.slot_row[s], self.pos[s], self.cur[s] = -1, 0, 0
+            else:
+                self.pos[s] += 1
+                self.cur[s] = tok
+
+
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0, stop_ids=None,
              seed=None, n=1, batch_size=None, stop_strings=None, tokenizer=None, compile=False,
-             prefill_tokens=2048, admit_min=1, watch_ids=None):
+             prefill_tokens=2048, admit_min=1, watch_ids=None, kv_cache_bytes=None):
     """Sample `n` completions of each prompt (lists of token ids); see `Generation` for the result.
 
     stop_ids: None -> the model's own eos/end-of-turn ids (model.stop_ids, else tokenizer.stop_ids,
@@ -249,6 +442,9 @@ def generate(model, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, top
       more rows than slots stream through them. seed: same seed -> same samples (None: drawn from
       torch's global RNG). compile: torch.compile the decode step (CUDA graphs on GPU); it then runs
       at a fixed batch and attends over the whole cache so shapes never change.
+    kv_cache_bytes: the KV cache's budget; slots are capped at budget // bytes per slot (see
+      `default_kv_cache_bytes`: half the free CUDA memory, 4 GiB elsewhere). Raises ValueError when
+      a single sequence does not fit. out.stats["slots"] says how many slots were used.
     prefill_tokens: padded-token budget of one prefill batch. admit_min: refill only once this many
       slots are free (prefills then share one pass over the weights; 1 = refill at once).
     watch_ids: token ids whose T=1 log-probs are recorded at every step (out.watched).
@@ -261,130 +457,33 @@ def generate(model, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, top
     decode = getattr(tokenizer, "decode", None) or (tokenizer if callable(tokenizer) else None)
     if stop_strings and decode is None:
         raise ValueError("stop_strings need a tokenizer (or a decode function) to see text")
-    stop_strings = list(stop_strings or [])
-    # a stop string can only have been completed within its last few tokens: decode just that window
-    window = 2 * max((len(s) for s in stop_strings), default=0) + 8
     if seed is None:
         seed = int(torch.randint(0, 2 ** 62, ()).item())
     R, dev = len(prompts) * n, model.device
-    tokens, lps, slps = [[] for _ in range(R)], [[] for _ in range(R)], [[] for _ in range(R)]
-    reasons = ["length"] * R
-    stats = dict(prefill_tokens=0, decode_steps=0, decode_rows=0)
-    watched = [[] for _ in range(R)] if watch_ids is not None else None
-    out = Generation(tokens, lps, slps, reasons, stats=stats, watched=watched)
+    rows = _Rows(R, max_new_tokens, stops, list(stop_strings or []), decode, watch_ids is not None)
+    out = rows.out
     if R == 0 or max_new_tokens == 0:
         out.texts = [""] * R if decode else None
         return out
 
-    slots = min(batch_size or R, R)
-    lengths = [len(p) for p in prompts]
-    max_len = max(lengths) + max_new_tokens
-    max_len = -(-max_len // 64) * 64
+    max_len = -(-(max(len(p) for p in prompts) + max_new_tokens) // 64) * 64
+    budget = default_kv_cache_bytes(dev) if kv_cache_bytes is None else kv_cache_bytes
+    slots = _slot_count(model.config, R, batch_size, max_len, model.dtype, budget)
+    out.stats["slots"] = slots
     cache = KVCache(model.config, slots, max_len, model.dtype, dev)
-    step_fn = _compiled_step(dev.type) if compile else decode_step
-    key = torch.tensor(_seed_key(seed), device=dev)
     watch = None if watch_ids is None else torch.tensor(list(watch_ids), dtype=torch.long, device=dev)
-    samp = dict(key=key, temperature=temperature, top_k=top_k, top_p=top_p, watch=watch)
-
-    waiting = deque(range(R))
-    saved = {}  # prompt -> (k, v, logits), kept only while some of its rows still wait for a slot
-    left = {}  # prompt -> rows not yet admitted
-    slot_row = [-1] * slots  # row in each slot; -1 = idle
-    pos = [0] * slots  # where the slot's next fed token goes (= its sequence length so far)
-    cur = [0] * slots  # the token to feed next
-    B = slots  # slots in the decode batch; shrinks (compaction) once nothing waits
-
-    def push(r, tok, lp, slp, w):
-        """Record a sampled token; True if row r is finished."""
-        tokens[r].append(tok), lps[r].append(lp), slps[r].append(slp)
-        if watched is not None:
-            watched[r].append(w)
-        if tok in stops:
-            reasons[r] = "stop"
-            return True
-        if stop_strings:
-            text = decode(tokens[r][-window:])
-            if any(s in text for s in stop_strings):
-                reasons[r] = "stop"
-                return True
-        return len(tokens[r]) >= max_new_tokens
-
-    def admit():
-        free = [s for s in range(B) if slot_row[s] < 0]
-        take = [waiting.popleft() for _ in range(min(len(free), len(waiting)))]
-        by_prompt = {}  # prompt -> the slots its admitted rows get
-        for r, s in zip(take, free):
-            by_prompt.setdefault(r // n, []).append(s)
-        first = {}  # prompt -> logits after its last token
-        for chunk in _chunks([p for p in by_prompt if p not in saved], lengths, prefill_tokens):
-            logits = prefill(model, [prompts[p] for p in chunk], cache, [by_prompt[p][0] for p in chunk])
-            first.update(zip(chunk, logits))
-            left.update((p, n) for p in chunk)
-            stats["prefill_tokens"] += sum(lengths[p] for p in chunk)
-        for p, ss in by_prompt.items():
-            L = lengths[p]
-            if p in saved:  # a group admitted in pieces: its K/V were kept aside
-                k, v, first[p] = saved[p]
-            else:  # the first slot holds the fresh prefill
-                home, ss = ss[0], ss[1:]
-                k = [c[home, :, :L] for c in cache.k]
-                v = [c[home, :, :L] for c in cache.v]
-            for s in ss:  # the rest of a GRPO group copies the one prefill: no recomputation
-                for i in range(len(k)):
-                    cache.k[i][s, :, :L] = k[i]
-                    cache.v[i][s, :, :L] = v[i]
-            left[p] -= len(by_prompt[p])
-            if left[p] and p not in saved:  # more rows than free slots: keep the prompt's K/V
-                saved[p] = ([t.clone() for t in k], [t.clone() for t in v], first[p])
-            elif not left[p]:
-                saved.pop(p, None)
-                del left[p]
-        # the first new token of every row comes from its prompt's last logits
-        logits = torch.stack([first[r // n] for r in take])
-        rows = torch.tensor(take, device=dev)
-        res = _sample_watch(logits, _uniform(key, rows, torch.zeros_like(rows)), temperature, top_k, top_p, watch)
-        for r, s, (tok, lp, slp, w) in zip(take, free, _to_host(res)):
-            if not push(r, tok, lp, slp, w):
-                slot_row[s], pos[s], cur[s] = r, lengths[r // n], tok
-
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, watch=watch)
+    batch = _Slots(model, prompts, n, rows, cache, torch.tensor(_seed_key(seed), device=dev), sampling,
+                   prefill_tokens, admit_min)
+    step_fn = _compiled_step(dev.type) if compile else decode_step
     while True:
-        # refill free slots. A prefill reads every weight once, like a decode step, so on a CPU
-        # prefilling several prompts together is much cheaper than one by one; a slot idling a few
-        # steps costs little (a decode step's price hardly depends on the batch)
-        while waiting and 0 < (free := slot_row[:B].count(-1)) and (
-                free >= min(admit_min, len(waiting)) or free == B):
-            admit()  # loops: a row can finish on its very first token and free its slot again
-        live = [s for s in range(B) if slot_row[s] >= 0]
-        if not live:
+        batch.refill()
+        if not batch.live():
             break
-        if not waiting and not compile and len(live) < B:
-            # nothing left to admit: move live rows to the front so the batch is only live rows
-            holes = [s for s in range(len(live)) if slot_row[s] < 0]
-            for dst, src in zip(holes, [s for s in live if s >= len(live)]):
-                cache.move(dst, src, pos[src])
-                slot_row[dst], pos[dst], cur[dst], slot_row[src] = slot_row[src], pos[src], cur[src], -1
-            B = len(live)
-        if compile:
-            S = max_len  # one shape forever: a single graph to capture
-        else:
-            # eager: attend over the longest live row only (rounded to 8), not the whole cache
-            S = min(max_len, -(-(max(pos[:B]) + 1) // 8) * 8)
-        rows = [max(slot_row[s], 0) for s in range(B)]
-        res = step_fn(model, cache.k, cache.v, torch.tensor(cur[:B], device=dev),
-                      torch.tensor(pos[:B], device=dev), S, torch.tensor(rows, device=dev),
-                      torch.tensor([len(tokens[r]) for r in rows], device=dev), **samp)
-        stats["decode_steps"] += 1
-        stats["decode_rows"] += B
-        for s, (tok, lp, slp, w) in enumerate(_to_host(res)):
-            r = slot_row[s]
-            if r < 0:
-                continue  # an idle slot computed garbage at position 0 (compiled: fixed batch)
-            if push(r, tok, lp, slp, w):
-                slot_row[s], pos[s], cur[s] = -1, 0, 0
-            else:
-                pos[s] += 1
-                cur[s] = tok
+        if not compile:  # compiled: the batch keeps one shape
+            batch.compact()
+        batch.decode(step_fn, fixed_shape=compile)
 
     if decode is not None:
-        out.texts = [decode(t[:-1] if t and t[-1] in stops else t) for t in tokens]
+        out.texts = [decode(t[:-1] if t and t[-1] in stops else t) for t in out.tokens]
     return out
