@@ -278,6 +278,15 @@ def run(args) -> int:
         raise UsageError("--val-fraction must be in [0, 1)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # one run per directory: two appending to pairs.jsonl would label pairs twice. The lock dies with
+    # the process (even on SIGKILL), so a killed run never blocks its rerun.
+    import fcntl
+    lock = open(out / ".lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise UsageError(f"{out} is in use by another run (rerun once it has finished)") from None
+    args._lock = lock  # held until the process exits
     exclude = None
     if args.exclude_bright is not None:
         bdir = _bright_default() if args.exclude_bright == "default" else args.exclude_bright

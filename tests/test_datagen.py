@@ -401,12 +401,15 @@ def test_end_to_end_kill_and_resume(tmp_path, servers, monkeypatch, capsys):
         if proc.poll() is not None:
             pytest.fail(f"run ended before it could be killed: {proc.communicate()}")
         time.sleep(0.02)
+    # a second run on the same dir while the first is alive is refused
+    capsys.readouterr()
+    for k, v in _env().items():
+        monkeypatch.setenv(k, v)
+    assert datagen.main(cmd[3:]) == 2 and "in use by another run" in capsys.readouterr().err
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     first = pairs.read_bytes().count(b"\n")
     # resume in this process (same code path as the CLI; saves a ~3 s interpreter start per run)
-    for k, v in _env().items():
-        monkeypatch.setenv(k, v)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     capsys.readouterr()
     assert datagen.main(cmd[3:]) == 0
