@@ -81,11 +81,18 @@ class Tokenizer:
             text = clean_up_tokenization(text)
         return text
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None,
+                    documents: list[dict] | None = None, **kwargs) -> str:
+        """The chat template's text. tools: JSON-schema dicts; other keyword arguments become template
+        variables (date_string, builtin_tools, ...). Like transformers, `tools` and `documents` are always
+        defined for the template (None when not given), so `tools is defined` reads the same in both."""
         if not self.chat_template:
             raise ValueError(f"tokenizer {self.source or ''} has no chat_template (tokenizer_config.json)")
+        for t in tools or []:
+            if not isinstance(t, dict):
+                raise TypeError(f"tools must be JSON-schema dicts, got {type(t).__name__}")
         return _compile(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
+            messages=messages, tools=tools, documents=documents, add_generation_prompt=add_generation_prompt,
             **{k: v for k, v in self.special_tokens.items() if v is not None}, **kwargs)
 
     def chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:

@@ -157,3 +157,16 @@ def test_llama32_prompt_ids_do_not_depend_on_the_date(pair, monkeypatch):
     assert plain_a != plain_b  # ... and without it the template really does write today's date
     assert "Today Date: 26 Jul 2024" in ours.decode(pinned_a)
     assert "Today Date: 02 Jan 2025" in ours.decode(plain_a)
+
+
+def test_tools_and_documents_always_defined(smol_dir, tmp_path):
+    # transformers passes tools=None and documents=None when none are given: `is defined` is true
+    probe = "{{ tools is defined }} {{ tools is none }} {{ documents is defined }} {{ messages | length }}"
+    d = build(tmp_path / "probe", smol_dir, "qwen", probe)
+    ours, ref = Tokenizer.from_dir(d), transformers.AutoTokenizer.from_pretrained(d)
+    msgs = CHATS["user"]
+    for kw in ({}, {"tools": [WEATHER]}):
+        assert ours.render_chat(msgs, **kw) == ref.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **kw)
+    assert ours.render_chat(msgs) == "True True True 1"
+    with pytest.raises(TypeError, match="tools must be JSON-schema dicts"):
+        ours.render_chat(msgs, tools=[len])
