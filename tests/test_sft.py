@@ -1,0 +1,335 @@
+"""SFT against references: transformers' loss and gradients (labels -100 outside the completion), peft
+and transformers loading what we export, one big batch vs accumulation vs 2 gloo processes, a real
+SIGKILL + resume reproducing the uninterrupted loss curve bit for bit."""
+
+import html
+import importlib.util
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import minirank
+from minirank import lora, prompts, sft
+from minirank.model import ModelConfig, Transformer
+from minirank.weights import save_model
+
+transformers = pytest.importorskip("transformers")
+
+ROOT = Path(__file__).resolve().parents[1]
+POSTS = ROOT.parent / "shared" / "stackexchange" / "coffee" / "Posts.xml"
+WORDS = "coffee bean roast grind espresso water milk brew filter press acid bitter sweet crema kettle cup".split()
+
+
+def tiny_dir(out: Path, smol_dir: Path, hidden=64, layers=2) -> Path:
+    """A tiny random Llama with SmolLM2's tokenizer and chat template (fast, same code paths)."""
+    hf = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=49152, hidden_size=hidden,
+              intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+              tie_word_embeddings=True, rope_theta=10000.0, bos_token_id=1, eos_token_id=2)
+    g = torch.Generator().manual_seed(0)
+    model = Transformer(ModelConfig.from_hf(hf))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02 if p.ndim > 1 else torch.ones(p.shape))
+    save_model(model, out)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        shutil.copy(smol_dir / f, out / f)
+    return out
+
+
+def synthetic(n, seed=0):
+    rng = random.Random(seed)
+    return [dict(query=" ".join(rng.choices(WORDS, k=rng.randint(4, 10))) + "?",
+                 document=" ".join(rng.choices(WORDS, k=rng.randint(8, 40))),
+                 explanation=f"It mentions {rng.choice(WORDS)} and {rng.choice(WORDS)}.", label=rng.choice([0, 1, 2]))
+            for _ in range(n)]
+
+
+def write_jsonl(path: Path, records) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def coffee_examples(n):
+    """Real (question, accepted answer) pairs from the coffee StackExchange dump, label 2."""
+    rows = {r.get("Id"): r.attrib for r in ET.parse(POSTS).getroot()}
+    text = lambda h: re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html.unescape(h))).strip()
+    out = []
+    for q in rows.values():
+        a = rows.get(q.get("AcceptedAnswerId"))
+        if q.get("PostTypeId") == "1" and a:
+            out.append(dict(query=f"{q['Title']} {text(q['Body'])}"[:200], document=text(a["Body"])[:250],
+                            explanation="The answer addresses the question directly.", label=2))
+        if len(out) == n:
+            return out
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, smol_dir):
+    return tiny_dir(tmp_path_factory.mktemp("tiny"), smol_dir)
+
+
+def run_sft(*args) -> int:
+    return sft.main([str(a) for a in args])
+
+
+# ---------------------------------------------------------------- data
+
+def test_bad_records_name_file_and_line(tiny, tmp_path, capsys):
+    good = synthetic(3)
+    cases = [({"query": "q", "document": "d", "label": 1}, "'explanation' is missing"),
+             ({**good[0], "label": 3}, "label must be one of"),
+             ({**good[0], "label": True}, "label must be one of"),
+             ({**good[0], "document": "  "}, "'document' is empty")]
+    for bad, msg in cases:
+        data = tmp_path / "d.jsonl"
+        data.write_text(json.dumps(good[0]) + "\n" + json.dumps(bad) + "\n")
+        assert run_sft("--model", tiny, "--data", data, "--out", tmp_path / "o", "--max-steps", 1) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("train.py sft: ") and f"{data}:2: " in err and msg in err and "\n" not in err
+        shutil.rmtree(tmp_path / "o", ignore_errors=True)
+    data.write_text(json.dumps(good[0]) + "\n{not json\n")
+    assert run_sft("--model", tiny, "--data", data, "--out", tmp_path / "o", "--max-steps", 1) == 2
+    assert f"{data}:2: " in capsys.readouterr().err
+    # --skip-bad: counted and reported, the rest trains
+    tok = minirank.Tokenizer.from_dir(tiny)
+    cfg = sft.SFTConfig(model=str(tiny), data=str(data), out="x", skip_bad=True)
+    notes = []
+    assert len(sft.load_examples(data, tok, cfg, notes.append)) == 1 and "1 bad records skipped" in notes[0]
+
+
+def test_bad_input_is_one_line_exit_2(tiny, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", synthetic(4))
+    for args, msg in [(["--model", tmp_path / "nope", "--data", data], "unknown model spec"),
+                      (["--model", tiny, "--data", tmp_path / "missing.jsonl"], "no such data file"),
+                      (["--model", tiny, "--data", data, "--max-len", 40], "all 4 examples are longer than --max-len 40"),
+                      (["--model", tiny, "--data", data, "--lr", "fast"], "invalid float value"),
+                      (["--model", tiny, "--data", data, "--batch-size", 0], "--batch-size 0")]:
+        shutil.rmtree(tmp_path / "o", ignore_errors=True)
+        assert run_sft(*args, "--out", tmp_path / "o", "--max-steps", 1) == 2
+        err = capsys.readouterr().err.strip()
+        assert msg in err and "\n" not in err and "Traceback" not in err, err
+    # a finished run refuses other settings, accepts the same command (nothing left to do)
+    base = ["--model", tiny, "--data", data, "--out", tmp_path / "run", "--max-steps", 1, "--batch-size", 2, "--no-progress"]
+    assert run_sft(*base) == 0
+    assert run_sft(*base, "--lr", 1e-3) == 2
+    assert "holds a run with other settings (lr: 0.0002 -> 0.001)" in capsys.readouterr().err
+    assert run_sft(*base) == 0 and "already complete" in capsys.readouterr().out
+    assert run_sft(*base[:5], tmp_path / "fresh", "--resume") == 2
+
+
+def test_truncation_cuts_the_document_never_the_target(tiny):
+    tok = minirank.Tokenizer.from_dir(tiny)
+    r = dict(query="how fine should I grind for espresso?", document="crema " * 400, explanation="Too long.", label=1)
+    target = prompts.completion_ids(tok, r["explanation"], 1)
+    full = prompts.prompt_ids(tok, r["query"], r["document"])
+    ex, how = sft.encode(tok, "f:1", r, "explain", 200, "document")
+    assert how == "cut" and ex.target == target and len(ex.prompt) + len(ex.target) <= 200
+    assert len(ex.prompt) + len(ex.target) >= 198  # as much document as fits
+    # the cut prompt is the same template with a shorter document, not a token slice of the long one
+    assert tok.decode(ex.prompt).endswith(tok.decode(full[-5:]))
+    assert sft.encode(tok, "f:1", r, "explain", 200, "drop") == (None, "dropped")
+    assert sft.encode(tok, "f:1", r, "explain", 60, "document") == (None, "dropped")  # query + target alone too long
+    short = sft.encode(tok, "f:1", r, "label", 4000, "document")[0]
+    assert tok.decode(short.target).startswith("Relevance Label: 1 ##")
+
+
+def test_pinned_date_llama32_template(tiny, monkeypatch):
+    """The Llama-3.2 template writes today's date; prompts render the same on any day."""
+    import datetime as dt
+
+    from minirank import tokenizer as tk
+
+    tok = minirank.Tokenizer.from_dir(tiny)
+    tok.chat_template = (ROOT.parent / "shared" / "chat-templates" / "meta-llama-Llama-3.2-3B-Instruct.jinja").read_text()
+    ids, raw = [], []
+    for day in (dt.datetime(2025, 1, 3), dt.datetime(2026, 11, 30)):
+        monkeypatch.setattr(tk, "datetime", type("D", (), {"now": staticmethod(lambda d=day: d)}))
+        tk._TEMPLATES.clear()
+        ids.append(prompts.prompt_ids(tok, "q?", "doc"))
+        raw.append(tok.chat([{"role": "user", "content": "q?"}]))
+    assert ids[0] == ids[1]
+    assert raw[0] != raw[1]  # unpinned, the template really does change with the date
+    tk._TEMPLATES.clear()
+
+
+def test_micro_batches_and_packing_layout(tiny):
+    tok = minirank.Tokenizer.from_dir(tiny)
+    exs = [sft.encode(tok, f"f:{i}", r, "explain", 4096, "document")[0] for i, r in enumerate(synthetic(9))]
+    budget = 2 * max(map(len, exs))
+    for packing in (False, True):
+        mbs = sft.micro_batches(exs, budget, packing)
+        assert sum(mb["n_examples"] for mb in mbs) == 9
+        assert sum(len(mb["targets"]) for mb in mbs) == sum(len(e.target) for e in exs)
+        assert all(mb["ids"].numel() <= budget for mb in mbs)
+        for mb in mbs:  # shifted by one: the input at the next loss position is this position's target
+            r, c, t = mb["rows"], mb["cols"], mb["targets"]
+            nxt = (r[1:] == r[:-1]) & (c[1:] == c[:-1] + 1)
+            assert nxt.sum() == len(t) - mb["n_examples"]
+            assert torch.equal(mb["ids"][r[1:], c[1:]][nxt], t[:-1][nxt])
+    pk = sft.micro_batches(exs, budget, True)
+    mb = pk[0]
+    seg_starts = (mb["positions"][0] == 0).nonzero().flatten().tolist()
+    assert len(seg_starts) == mb["n_examples"] >= 2
+    m = mb["mask"][0, 0]
+    a, b = seg_starts[0], seg_starts[1]
+    assert m[b, b] and not m[b, a] and m[b - 1, a]  # second example never sees the first; causal inside
+    assert sft.micro_batches(exs, 10**6, False, max_rows=2)[0]["n_examples"] == 2
+
+
+# ---------------------------------------------------------------- references on the real model
+
+@pytest.fixture(scope="module")
+def real_batch(smol_dir):
+    model, tok = minirank.load(smol_dir)
+    recs = coffee_examples(3)
+    recs[1]["label"], recs[1]["explanation"] = 0, "Not about this question."
+    exs = [sft.encode(tok, f"coffee:{i}", r, "explain", 4096, "document")[0] for i, r in enumerate(recs)]
+    return model, tok, exs
+
+
+def test_loss_and_grads_match_transformers(real_batch, smol_dir):
+    model, tok, exs = real_batch
+    exs = exs[:2]  # CPU time: two examples of ~200 tokens make a real batch (one padded row)
+    mb = sft.micro_batches(exs, 10**6, False)[0]
+    n = len(mb["targets"])
+    model.train()
+    model.gradient_checkpointing = True  # the checkpointed path must give the same gradients
+    model.zero_grad()
+    loss = -sft.target_logprobs(model, mb).sum() / n
+    loss.backward()
+    model.eval()
+
+    ref = transformers.AutoModelForCausalLM.from_pretrained(smol_dir, dtype=torch.float32)
+    ref.train()  # dropout-free model: train() only enables grads
+    # HF builds the embedding with padding_idx = pad_token_id (2 = <|im_end|> in SmolLM2), which zeroes
+    # the lookup gradient of that row; our model trains the end-of-turn embedding like any other row
+    ref.model.embed_tokens.padding_idx = None
+    L = max(len(e.prompt) + len(e.target) for e in exs)
+    ids = torch.zeros(len(exs), L, dtype=torch.long)
+    att = torch.zeros(len(exs), L, dtype=torch.long)
+    labels = torch.full((len(exs), L), -100)
+    for i, e in enumerate(exs):
+        s = e.prompt + e.target
+        ids[i, :len(s)], att[i, :len(s)] = torch.tensor(s), 1
+        labels[i, len(e.prompt):len(s)] = torch.tensor(e.target)  # loss on the completion only
+    out = ref(input_ids=ids, attention_mask=att, labels=labels)
+    out.loss.backward()
+    assert abs(loss.item() - out.loss.item()) <= 1e-5 * abs(out.loss.item())
+    theirs = dict(ref.named_parameters())
+    rel = {name: ((p.grad - theirs[name].grad).norm() / theirs[name].grad.norm()).item()
+           for name, p in model.named_parameters()}
+    worst = max(rel, key=rel.get)
+    assert rel[worst] <= 1e-4, (worst, rel[worst])
+    model.zero_grad()
+    model.gradient_checkpointing = False
+
+
+def test_packing_equals_padding(real_batch):
+    model, _, exs = real_batch
+    with torch.no_grad():
+        padded = torch.cat([sft.target_logprobs(model, mb) for mb in sft.micro_batches(exs, 10**6, False)]).sum()
+        packed_mbs = sft.micro_batches(exs, 10**6, True)
+        assert len(packed_mbs) == 1 and packed_mbs[0]["ids"].shape[0] == 1  # all three in one row
+        packed = sft.target_logprobs(model, packed_mbs[0]).sum()
+    assert abs(packed - padded) <= 1e-5 * abs(padded)
+
+
+# ---------------------------------------------------------------- accumulation, DDP, resume, export
+
+def _step_update(run: Path, base: Path):
+    w = load_file(str(run / "checkpoints" / "step-1" / "trainable.safetensors"))
+    b = load_file(str(base / "model.safetensors"))
+    return {k: w[k] - b[k] for k in w}
+
+
+def test_accumulation_and_ddp_give_one_big_batch_update(tiny, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", synthetic(8, seed=1))
+    # lr 1, eps 1: Adam's first step becomes g/(|g|+1), so the update carries the gradient's value
+    # (with eps 1e-8 it would be sign(g), hiding gradient differences)
+    common = ["--model", tiny, "--data", data, "--batch-size", 8, "--max-steps", 1, "--lora", "none", "--lr", 1,
+              "--eps", 1, "--grad-clip", 0, "--no-progress"]
+    assert run_sft(*common, "--out", tmp_path / "one") == 0
+    assert run_sft(*common, "--out", tmp_path / "acc", "--micro-batch-size", 2) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        str(ROOT / "train.py"), "sft", *map(str, common), "--out", str(tmp_path / "ddp"),
+                        "--micro-batch-size", "4"], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    one, acc, ddp = (_step_update(tmp_path / r, tiny) for r in ("one", "acc", "ddp"))
+    assert max(v.abs().max().item() for v in one.values()) > 0.1  # a real update
+    for other in (acc, ddp):
+        assert max((one[k] - other[k]).abs().max().item() for k in one) <= 1e-6
+    losses = [json.loads((tmp_path / r / "metrics.jsonl").read_text().splitlines()[0])["loss"] for r in ("one", "acc", "ddp")]
+    assert max(losses) - min(losses) <= 1e-6 * losses[0]
+    assert (tmp_path / "ddp" / "final" / "model.safetensors").is_file() and not (tmp_path / "ddp" / "adapter").exists()
+
+
+def test_sigkill_then_resume_is_bitwise_identical(tiny, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", synthetic(24, seed=2))
+    args = ["--model", tiny, "--data", data, "--batch-size", 4, "--max-steps", 10, "--lr", 3e-3, "--save-every", 2,
+            "--lora-r", 8, "--lora-dropout", 0.2, "--seed", 7, "--schedule", "cosine", "--warmup-steps", 2,
+            "--no-progress"]
+    cmd = lambda out: [sys.executable, str(ROOT / "train.py"), "sft", *map(str, args), "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    assert subprocess.run(cmd(tmp_path / "ref"), env=env, capture_output=True).returncode == 0
+
+    proc = subprocess.Popen(cmd(tmp_path / "cut"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "cut" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.is_file() or len(metrics.read_text().splitlines()) < 5):
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)  # a real kill, mid-run
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "cut" / "final").exists()  # it really was interrupted
+    assert subprocess.run(cmd(tmp_path / "cut"), env=env, capture_output=True).returncode == 0
+
+    curve = lambda r: [(m["step"], m["loss"], m["grad_norm"]) for m in map(json.loads, (tmp_path / r / "metrics.jsonl").read_text().splitlines())]
+    assert curve("cut") == curve("ref") and len(curve("ref")) == 10  # bitwise: float equality of every value
+    a = load_file(str(tmp_path / "ref" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_it_learns_and_exports(tiny, tmp_path):
+    """Overfit 8 examples (completion loss < 0.05); then greedy validation writes their labels, and the
+    exported final/ and adapter/ give the trained model's logits in transformers, peft and minirank."""
+    peft = pytest.importorskip("peft")
+    data = write_jsonl(tmp_path / "d.jsonl", synthetic(8, seed=3))
+    out = tmp_path / "run"
+    assert run_sft("--model", tiny, "--data", data, "--val", data, "--out", out, "--batch-size", 8, "--max-steps", 60,
+                   "--lr", 1e-2, "--lora-r", 16, "--lora-alpha", 32, "--lora-dropout", 0, "--lora-targets",
+                   "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "--grad-clip", 1.0, "--weight-decay", 0,
+                   "--val-max-new-tokens", 40, "--no-progress") == 0
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r["loss"] for r in rows if "loss" in r]
+    val = [r for r in rows if "val_loss" in r][-1]
+    assert train[0] > 5 and train[-1] < 0.05 and val["val_loss"] < 0.05
+    assert val["val_acc"] == 1.0 and val["val_unparseable"] == 0.0 and val["val_expl_words"] > 3
+    ids = torch.tensor([prompts.prompt_ids(minirank.Tokenizer.from_dir(tiny), "espresso grind?", "coffee water")])
+    base, _ = minirank.load(tiny)
+    lora.load_adapter(base, out / "adapter")
+    with torch.no_grad():
+        ours = base(ids)
+        final, _ = minirank.load(out / "final")
+        assert (final(ids) - ours).abs().max() <= 1e-4
+        hf = transformers.AutoModelForCausalLM.from_pretrained(out / "final", dtype=torch.float32).eval()
+        assert (hf(ids).logits - ours).abs().max() <= 1e-4
+        pm = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32),
+                                            out / "adapter").eval()
+        assert (pm(ids).logits - ours).abs().max() <= 1e-4
+    if importlib.util.find_spec("matplotlib"):
+        assert (out / "curves.png").is_file()
