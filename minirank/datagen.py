@@ -22,6 +22,7 @@ import os
 import sys
 from collections import Counter
 from pathlib import Path
+from urllib.parse import urldefrag
 
 from . import prompts
 from .crawl import USER_AGENT, Crawler, PageCache
@@ -213,11 +214,12 @@ def documents(args, questions, out: Path):
     cache = PageCache(args.cache or out / "pages")
     want = {}
     for q in questions:
-        ql = q.links()
+        # page.html#part and page.html are one page: fetch, cache and label it once
+        ql = list(dict.fromkeys(urldefrag(u)[0] for u in q.links()))
         links["found"] += sum(len(a.links) for a in q.answers)
         want[q.id] = ql[: args.max_docs]
     used = list(dict.fromkeys(u for v in want.values() for u in v))
-    links["unique"] = len({u for q in questions for a in q.answers for u in a.links})
+    links["unique"] = len({urldefrag(u)[0] for q in questions for a in q.answers for u in a.links})
     links["used"] = len(used)
     crawler = Crawler(cache, delay=args.host_delay, workers=args.fetch_workers, timeout=args.fetch_timeout,
                       max_bytes=args.max_page_bytes, max_redirects=args.max_redirects, retries=args.fetch_retries,

@@ -351,7 +351,7 @@ def _e2e_posts(path: Path, S):
         [f"{a}/ok3.html", f"{a}/file.pdf", f"{a}/to-private"],
         [f"{a}/ok4.html", f"{a}/loop0", f"{slow}/page.html"],
         [f"{a}/ok5.html", f"{a}/plain.txt", f"{a}/flaky"],
-        [f"{a}/ok6.html", f"{a}/ok1.html", "http:///no-host"],
+        [f"{a}/ok6.html", f"{a}/ok1.html#usage", "http:///no-host"],
     ] + [[f"{a}/ok{i}.html"] for i in range(7, 15)]
     topics = ["espresso crema", "french press grind", "water hardness", "moka pot", "cold brew", "pour over"]
     for qi, ls in enumerate(links):
