@@ -1,13 +1,17 @@
 """minirank.generate: exactness against transformers and against a full forward pass, stopping,
 groups, continuous batching, reproducibility, and the sampling distribution itself."""
 
+import importlib
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from minirank.generate import _hash32, _mul32, decode_step, generate, KVCache
+from minirank.generate import _hash32, _mul32, _slot_count, decode_step, default_kv_cache_bytes, generate, KVCache
 from minirank.model import ModelConfig, Transformer
+
+generate_mod = importlib.import_module("minirank.generate")  # the package's `generate` attribute is the function
 
 
 def tiny(arch="llama", vocab=97, layers=2, seed=0, head_scale=1.0, **over):
@@ -217,6 +221,73 @@ def test_padding_ids_never_sampled():
         out = generate(model, prompts, max_new_tokens=8, stop_ids=[], **kw)
         assert max(max(t) for t in out.tokens) < 54
         assert all(math.isfinite(x) for lp in out.logprobs for x in lp)
+
+
+def test_padded_vocab_sampler_and_trainer_agree():
+    # Qwen2.5-style padded embedding (54 tokens, 64 rows), the padded rows made the most likely ones
+    model, _ = tiny("qwen2", vocab=64)
+    model.n_tokens = 54
+    with torch.no_grad():
+        model.lm_head.weight[54:] = model.lm_head.weight[:10] * 50
+    prompts = rand_prompts([5, 11, 8], vocab=54)
+    out = generate(model, prompts, max_new_tokens=10, stop_ids=[], temperature=1.0, n=2, seed=0)
+    for r, toks in enumerate(out.tokens):
+        seq = torch.tensor([prompts[r // 2] + toks])
+        P = len(prompts[r // 2])
+        with torch.no_grad():
+            h = model.hidden(seq)[0]
+            assert model(seq).shape[-1] == model.head(h).shape[-1] == 54  # padded rows never get a logit
+            raw = F.linear(h, model.lm_head.weight)  # what an unmasked head would compute
+            assert (raw.argmax(-1) >= 54).all()  # ... and there they would win everywhere
+            ref = model.token_logprobs(h[P - 1:-1], torch.tensor(toks))
+        assert (ref - torch.tensor(out.logprobs[r])).abs().max().item() <= 1e-5, r  # sampler == trainer
+
+    # token_logprobs: chunked == unchunked, and its gradient is that of a plain log_softmax + gather
+    seq = torch.tensor([prompts[1] + out.tokens[2]])
+    targets = seq[0, 1:]
+    weight = torch.randn(len(targets))  # a policy-gradient-like weighting of the log-probs
+    params = [model.lm_head.weight, model.model.embed_tokens.weight, model.model.layers[0].self_attn.q_proj.weight]
+    got = {}
+    for chunk in (4, 1024):
+        lp = model.token_logprobs(model.hidden(seq)[0, :-1], targets, chunk=chunk)
+        got[chunk] = (lp.detach(), torch.autograd.grad((lp * weight).sum(), params))
+    h = model.hidden(seq)[0, :-1]
+    plain = torch.log_softmax(F.linear(h, model.lm_head.weight[:54]).float(), -1).gather(-1, targets[:, None])[:, 0]
+    want = (plain.detach(), torch.autograd.grad((plain * weight).sum(), params))
+    for lp, grads in got.values():
+        assert (lp - want[0]).abs().max().item() <= 1e-6
+        for g, w in zip(grads, want[1]):
+            assert (g - w).abs().max().item() <= 1e-6
+        assert (grads[0][54:] == 0).all()  # padded rows learn nothing
+
+
+def test_kv_cache_budget_caps_slots(monkeypatch):
+    model, _ = tiny()
+    cfg = model.config
+    prompts = rand_prompts([5, 9, 3, 12])
+    per_slot = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 64 * 4  # 12 + 20 -> 64, fp32
+    caches = []
+    real = generate_mod.KVCache
+    monkeypatch.setattr(generate_mod, "KVCache", lambda *a: caches.append(real(*a)) or caches[-1])
+
+    def kv_bytes(cache):
+        return sum(t.numel() * t.element_size() for t in cache.k + cache.v)
+
+    kw = dict(max_new_tokens=20, stop_ids=[], n=2, temperature=1.0, seed=3)
+    free = generate(model, prompts, **kw)  # the default budget (4 GiB on a CPU) fits every row
+    capped = generate(model, prompts, kv_cache_bytes=3 * per_slot + 5, **kw)
+    asked = generate(model, prompts, kv_cache_bytes=2 * per_slot, batch_size=6, **kw)  # batch_size is capped too
+    assert [c.slots for c in caches] == [8, 3, 2]
+    assert [kv_bytes(c) for c in caches] == [8 * per_slot, 3 * per_slot, 2 * per_slot]
+    assert capped.stats["slots"] == 3 and capped.tokens == free.tokens == asked.tokens
+    with pytest.raises(ValueError, match="more than kv_cache_bytes"):
+        generate(model, prompts, kv_cache_bytes=per_slot - 1, **kw)
+    # a 512-row GRPO batch on Llama-3.2-3B (28 layers, 8 kv heads x 128, bf16), 2048-token rows:
+    # 224 MiB per row, so the 4 GiB default gives 18 slots, not 512 (112 GiB)
+    llama3b = ModelConfig("llama", 128256, 3072, 8192, 28, 24, 8, 128)
+    assert _slot_count(llama3b, 512, None, 2048, torch.bfloat16, default_kv_cache_bytes("cpu")) == 18
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * 2 ** 30, 141 * 2 ** 30))
+    assert default_kv_cache_bytes("cuda") == 5 * 2 ** 30  # half the free GPU memory
 
 
 def test_idle_slots_attend_to_index_0_without_nan():
