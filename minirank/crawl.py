@@ -262,6 +262,10 @@ class Crawler:
         self.max_bytes, self.max_redirects, self.retries = max_bytes, max_redirects, retries
         self.backoff, self.max_wait, self.user_agent = backoff, max_wait, user_agent
         self.session = session or requests.Session()
+        # keep-alive pools for many hosts at once (requests keeps 10 by default, then reconnects)
+        adapter = requests.adapters.HTTPAdapter(pool_connections=max(64, workers), pool_maxsize=4)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
         self.session.headers["User-Agent"] = user_agent
         self.session.max_redirects = max_redirects
         self.requests = 0  # HTTP requests made (robots.txt included)
@@ -319,7 +323,11 @@ class Crawler:
                     return None, ""
                 if r.status_code != 200:
                     return False, "robots_unavailable"
-                body = r.raw.read(512_000, decode_content=True)
+                body = b""
+                for chunk in r.iter_content(65536):  # (iter_content wraps urllib3's errors)
+                    body += chunk
+                    if len(body) >= 512_000:  # RFC 9309: parse at least the first 500 KiB
+                        break
         except requests.RequestException:
             return False, "robots_unavailable"
         rp = urllib.robotparser.RobotFileParser()
@@ -409,7 +417,10 @@ class Crawler:
                             break
                         cv.wait(timeout=(heap[0][0] - now) if heap else 1.0)
                 if h.robots is None:
-                    h.robots = self._robots(k)
+                    try:
+                        h.robots = self._robots(k)
+                    except Exception:  # e.g. an undecodable robots.txt: treat as unreachable
+                        h.robots = (False, "robots_unavailable")
                     with cv:
                         self.requests += 1
                     rp = h.robots[0]
@@ -429,7 +440,10 @@ class Crawler:
                     continue
                 with cv:
                     self.requests += 1
-                res = self._request(job)
+                try:
+                    res = self._request(job)
+                except Exception as e:  # never lose a worker: the crawl would wait for it forever
+                    res = ("done", Page(job.url, "error", job.cur, detail=f"{type(e).__name__}: {str(e)[:200]}"))
                 wait = h.delay
                 if res[0] == "redirect":
                     nxt = res[1]

@@ -135,6 +135,8 @@ class APITeacher:
                 cause = "timeout"
             except requests.ConnectionError:
                 cause = "connection"
+            except requests.RequestException as e:  # e.g. a body cut off mid-transfer
+                cause, res.detail = "network", f"{type(e).__name__}: {str(e)[:100]}"
             else:
                 if r.status_code in (401, 403):
                     self.stop.set()
