@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from .hub import cache_dir
-from .weights import ordinary_permissions, publish, staging_dir, write_json
+from .files import write_json
+from .weights import ordinary_permissions, publish, staging_dir
 
 HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
             "special_tokens_map.json", "model.safetensors")

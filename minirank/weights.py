@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .files import write_json
 from .model import ModelConfig, Transformer
 
 INDEX = "model.safetensors.index.json"
@@ -263,9 +264,9 @@ def save_model(model: Transformer, out_dir: str | Path, max_shard_bytes: int = 5
                 _write_shard(shard, staging / name)
                 weight_map.update({k: name for k in shard})
             total = sum(v.numel() * v.element_size() for v in state.values())
-            write_json(staging / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
-        write_json(staging / "config.json", hf)
-        write_json(staging / "generation_config.json", gen)
+            write_json(staging / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        write_json(staging / "config.json", hf, indent=2)
+        write_json(staging / "generation_config.json", gen, indent=2)
         ordinary_permissions(staging)
         # keep what else lives in out (tokenizer files, notes): everything but the weights of an
         # earlier save, so a stale shard can never shadow the new ones
@@ -313,20 +314,6 @@ def _link_tree(src: Path, dst: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # atomic files and directories (gguf.py's conversions use these too)
-
-def write_json(path: Path, obj) -> None:
-    """Write JSON so that `path` is either its old content or the whole new one, never half."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
 
 def staging_dir(final: Path) -> Path:
     """An empty sibling of `final` to build its replacement in (same filesystem: renames are atomic)."""

@@ -176,10 +176,10 @@ def test_crash_mid_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, sha
             raise Crash("killed while writing")
         write_shard(tensors, file)
 
-    def json_then_crash(path, obj):
+    def json_then_crash(path, obj, **kw):
         if crash_at == "config.json" and path.name == "config.json":
             raise Crash("killed while writing")
-        write_json(path, obj)
+        write_json(path, obj, **kw)
 
     monkeypatch.setattr(mw, "_write_shard", shard_then_crash)
     monkeypatch.setattr(mw, "write_json", json_then_crash)
