@@ -11,12 +11,18 @@ need no padding bookkeeping at all.
               next waiting row takes it (continuous batching); with nothing waiting, the batch
               shrinks instead so finished rows cost nothing.
 
+Reading order: `generate` sets up and loops refill -> compact -> decode over `_Slots`, the one object
+holding the scheduling state; `_Slots.admit` is prefill -> fork -> first token; `_Rows` records
+tokens and decides when a row is done. The KV cache is sized before it exists: slots are capped by
+`kv_cache_bytes` (default: half the free CUDA memory, 4 GiB elsewhere).
+
 Randomness is a pure function of (seed, row, step): each row draws its uniform from a counter-based
 hash, so the samples of a row do not depend on batch_size, slot order or what else is in the batch
 (up to the float noise of batched matmuls), and the sampler has no hidden state to capture in a
 compiled graph.
 """
 
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -249,7 +255,10 @@ def default_kv_cache_bytes(device) -> int:
     loaded by then; the other half is for activations and the [batch, vocab] logits), 4 GiB elsewhere."""
     device = torch.device(device)
     if device.type == "cuda":
-        return int(KV_CACHE_GPU_FRACTION * torch.cuda.mem_get_info(device)[0])
+        # memory PyTorch keeps cached (e.g. the previous call's KV cache) is free for us too: without
+        # it, every generate() in a training loop would see a smaller budget than the one before
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(KV_CACHE_GPU_FRACTION * (torch.cuda.mem_get_info(device)[0] + cached))
     return KV_CACHE_BYTES
 
 
@@ -266,7 +275,11 @@ def _slot_count(cfg, rows, batch_size, max_len, dtype, budget):
             f"({cfg.num_hidden_layers} layers x k,v x {cfg.num_key_value_heads} kv heads x {cfg.head_dim} x "
             f"{dtype}), more than kv_cache_bytes={budget} ({budget / 2 ** 20:.1f} MiB): raise kv_cache_bytes "
             f"or use shorter prompts / fewer max_new_tokens")
-    return min(batch_size or rows, rows, budget // per_slot)
+    slots = min(batch_size or rows, rows, budget // per_slot)
+    if batch_size and slots < min(batch_size, rows):  # asked for explicitly: say why it is not granted
+        warnings.warn(f"generate: batch_size={batch_size} capped to {slots} slots by kv_cache_bytes={budget} "
+                      f"({per_slot / 2 ** 20:.1f} MiB of KV cache per slot)", stacklevel=3)
+    return slots
 
 
 # ---- the rows: what each has produced, and when it is done

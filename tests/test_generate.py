@@ -276,7 +276,8 @@ def test_kv_cache_budget_caps_slots(monkeypatch):
     kw = dict(max_new_tokens=20, stop_ids=[], n=2, temperature=1.0, seed=3)
     free = generate(model, prompts, **kw)  # the default budget (4 GiB on a CPU) fits every row
     capped = generate(model, prompts, kv_cache_bytes=3 * per_slot + 5, **kw)
-    asked = generate(model, prompts, kv_cache_bytes=2 * per_slot, batch_size=6, **kw)  # batch_size is capped too
+    with pytest.warns(UserWarning, match="batch_size=6 capped to 2 slots"):  # batch_size is capped too, loudly
+        asked = generate(model, prompts, kv_cache_bytes=2 * per_slot, batch_size=6, **kw)
     assert [c.slots for c in caches] == [8, 3, 2]
     assert [kv_bytes(c) for c in caches] == [8 * per_slot, 3 * per_slot, 2 * per_slot]
     assert capped.stats["slots"] == 3 and capped.tokens == free.tokens == asked.tokens
@@ -287,7 +288,9 @@ def test_kv_cache_budget_caps_slots(monkeypatch):
     llama3b = ModelConfig("llama", 128256, 3072, 8192, 28, 24, 8, 128)
     assert _slot_count(llama3b, 512, None, 2048, torch.bfloat16, default_kv_cache_bytes("cpu")) == 18
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * 2 ** 30, 141 * 2 ** 30))
-    assert default_kv_cache_bytes("cuda") == 5 * 2 ** 30  # half the free GPU memory
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 3 * 2 ** 30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 1 * 2 ** 30)
+    assert default_kv_cache_bytes("cuda") == 6 * 2 ** 30  # half the free GPU memory, PyTorch's cached part included
 
 
 def test_idle_slots_attend_to_index_0_without_nan():
