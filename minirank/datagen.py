@@ -27,7 +27,7 @@ from urllib.parse import urldefrag
 from . import prompts
 from .crawl import USER_AGENT, Crawler, PageCache
 from .stackexchange import BrightFilter, DumpError, iter_rows, read_questions
-from .teacher import APITeacher, LocalTeacher, TeacherFatal
+from .teacher import APITeacher, LocalTeacher, StructureTeacher, TeacherFatal
 
 
 class UsageError(Exception):
@@ -90,7 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--api-key-env", default="OPENAI_API_KEY",
                    help="environment variable holding the API key (never logged or written)")
     g.add_argument("--teacher", default=None, metavar="SPEC",
-                   help="local teacher: any model minirank.load accepts (dir, .gguf, pypi:PKG, org/name)")
+                   help="local teacher: any model minirank.load accepts (dir, .gguf, pypi:PKG, org/name); or "
+                        "'structure': no model, labels from the thread (accepted answer 2, other answers 1, "
+                        "negative 0) with one fixed explanation per kind, for offline plumbing data "
+                        "(needs --documents answers)")
     g.add_argument("--inflight", type=int, default=16, help="API requests in flight")
     g.add_argument("--max-tokens", type=int, default=1024, help="longest teacher answer, tokens")
     g.add_argument("--teacher-retries", type=int, default=6,
@@ -185,6 +188,10 @@ def _progress(args):
 def make_teacher(args):
     if bool(args.teacher) == bool(args.teacher_url):
         raise UsageError("give either --teacher-url URL --teacher-model NAME, or --teacher SPEC")
+    if args.teacher == "structure":
+        if args.documents != "answers":
+            raise UsageError("--teacher structure labels answers by their place in the thread: it needs --documents answers")
+        return StructureTeacher(args.format)
     if args.teacher:
         return LocalTeacher(args.teacher, args.format, args.batch_size, args.max_tokens, args.dtype, args.device)
     if not args.teacher_model:
@@ -326,8 +333,8 @@ def run(args) -> int:
     by_id = {p[0]: p for p in todo}
 
     def items():
-        for pid, q, d, _ in todo:
-            yield pid, q.query, (text(d) or "")[: prompts.MAX_DOC_CHARS]
+        for pid, q, d, kind in todo:
+            yield pid, q.query, (text(d) or "")[: prompts.MAX_DOC_CHARS], kind
 
     phash = prompts.prompt_hash(args.format)
     fatal = None

@@ -2,7 +2,7 @@
 (vLLM, llama.cpp server, SGLang, any hosted endpoint) with many requests in flight, or a local model
 run through `minirank.generate`.
 
-Both take (key, query, document) items and yield lists of (key, Result) as results complete: a list
+All take (key, query, document, kind) items and yield lists of (key, Result) as results complete: a list
 holds everything that finished since the last one, so the caller can make them durable with one fsync
 (group commit: an fsync costs milliseconds, a per-result fsync would cap the rate near 250/s). A Result is a
 label with its explanation, or a failure with its cause; problems that make every further request
@@ -188,7 +188,7 @@ class APITeacher:
         return res
 
     def label(self, items):
-        """items: iterable of (key, query, document); yields [(key, Result), ...] in completion order."""
+        """items: iterable of (key, query, document, kind); yields [(key, Result), ...] in completion order."""
         items = iter(items)
         self.stop.clear()
         with ThreadPoolExecutor(self.inflight) as pool:
@@ -197,7 +197,7 @@ class APITeacher:
             def fill():
                 while len(pending) < 2 * self.inflight:
                     try:
-                        key, q, d = next(items)
+                        key, q, d, _ = next(items)
                     except StopIteration:
                         return
                     pending[pool.submit(self._one, prompts.rerank_messages(q, d, self.fmt))] = key
@@ -239,11 +239,11 @@ class LocalTeacher:
             batch = [x for _, x in zip(range(chunk), items)]
             if not batch:
                 return
-            ids = [prompts.prompt_ids(self.tok, q, d, self.fmt) for _, q, d in batch]
+            ids = [prompts.prompt_ids(self.tok, q, d, self.fmt) for _, q, d, _ in batch]
             out = minirank.generate(self.model, ids, max_new_tokens=self.max_new_tokens, temperature=0.0,
                                     stop_strings=[prompts.STOP], tokenizer=self.tok, batch_size=self.batch_size)
             results = []
-            for (key, _, _), p, toks, text, why in zip(batch, ids, out.tokens, out.texts, out.finish_reasons):
+            for (key, *_), p, toks, text, why in zip(batch, ids, out.tokens, out.texts, out.finish_reasons):
                 res = Result(text=text, attempts=1,
                              usage={"prompt_tokens": len(p), "completion_tokens": len(toks)})
                 res.label, res.explanation = split_answer(text, self.fmt)
@@ -252,3 +252,37 @@ class LocalTeacher:
                     res.detail = ("hit max_new_tokens; " if why == "length" else "") + text[-200:]
                 results.append((key, res))
             yield results
+
+
+class StructureTeacher:
+    """No model: labels from the dump's structure, for offline data when no real teacher is at hand.
+    The question's accepted answer -> 2, its other answers -> 1, the BM25 negative (another
+    question's answer) -> 0; explanations are one fixed sentence per kind. Only meaningful with
+    --documents answers. Weak labels (an unaccepted answer can be the best one; a negative can be
+    relevant), and the explanations teach a template, not reasoning: plumbing and learning-curve
+    checks, not a replacement for a teacher."""
+
+    name = "structure"
+    LABELS = {"accepted": 2, "answer": 1, "negative": 0}
+    WHY = {"accepted": "The document is the answer the asker accepted: it addresses the question directly.",
+           "answer": "The document answers this question, but it is not the accepted answer, so it may "
+                     "cover only part of what was asked.",
+           "negative": "The document shares words with the question but answers a different question."}
+
+    def __init__(self, fmt: str = "explain"):
+        self.fmt = fmt
+
+    def label(self, items):
+        out = []
+        for key, _, _, kind in items:
+            if kind not in self.LABELS:
+                raise TeacherFatal(f"--teacher structure labels answers only (got a {kind!r} document): "
+                                   f"use --documents answers")
+            why = "" if self.fmt == "label" else self.WHY[kind]
+            out.append((key, Result(text=prompts.format_target(why, self.LABELS[kind], self.fmt),
+                                    label=self.LABELS[kind], explanation=why, attempts=0)))
+            if len(out) == 256:
+                yield out
+                out = []
+        if out:
+            yield out

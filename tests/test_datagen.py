@@ -20,6 +20,7 @@ import pytest
 from minirank import datagen, prompts
 from minirank.crawl import html_text
 from minirank.stackexchange import BrightFilter, DumpError, iter_rows, post_text, read_questions
+from minirank.teacher import StructureTeacher
 
 ROOT = Path(__file__).resolve().parent.parent
 COFFEE = ROOT.parent / "shared" / "stackexchange" / "coffee" / "Posts.xml"
@@ -600,3 +601,27 @@ def test_local_teacher_smollm2(tmp_path, smol_dir):
         assert (r["label"] in prompts.LABELS) != (r["failure"] == "unparseable")
     s = json.loads((out / "summary.json").read_text())
     assert s["pairs"]["labelled"] + s["pairs"]["failed"] == 2
+
+
+@pytest.mark.skipif(not COFFEE.is_file(), reason="shared coffee dump absent")
+def test_structure_teacher_on_coffee(tmp_path, capsys):
+    """Offline data with no model: labels from the thread, on the real dump."""
+    out = tmp_path / "coffee"
+    assert datagen.main(["--posts", str(COFFEE), "--out", str(out), "--documents", "answers",
+                         "--teacher", "structure", "--max-docs", "3", "--quiet"]) == 0
+    qs, _ = read_questions(COFFEE)
+    n_acc = sum(any(a.id == q.accepted_id and a.text.strip() for a in q.ordered_answers()[:3]) for q in qs)
+    n_docs = sum(min(3, sum(bool(a.text.strip()) for a in q.answers)) for q in qs)
+    n_q = sum(bool(q.answers) for q in qs)
+    s = json.loads((out / "summary.json").read_text())
+    assert s["labels"] == {"2": n_acc, "1": n_docs - n_acc, "0": n_q}
+    assert s["pairs"]["labelled"] == s["pairs"]["planned"] == n_docs + n_q and s["pairs"]["failed"] == 0
+    rows = [json.loads(x) for f in ("train.jsonl", "val.jsonl") for x in (out / f).read_text().splitlines()]
+    assert len(rows) == n_docs + n_q
+    assert all(r["explanation"] == StructureTeacher.WHY[r["kind"]] and r["label"] == StructureTeacher.LABELS[r["kind"]]
+               for r in rows)
+    # the negative is another question's answer
+    own = {q.id: {f"answer:{a.id}" for a in q.answers} for q in qs}
+    assert all(r["url"] not in own[r["question_id"]] for r in rows if r["kind"] == "negative")
+    assert datagen.main(["--posts", str(COFFEE), "--out", str(tmp_path / "w"), "--teacher", "structure", "--quiet"]) == 2
+    assert "needs --documents answers" in capsys.readouterr().err
