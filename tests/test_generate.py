@@ -265,7 +265,7 @@ def test_kv_cache_budget_caps_slots(monkeypatch):
     model, _ = tiny()
     cfg = model.config
     prompts = rand_prompts([5, 9, 3, 12])
-    per_slot = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 64 * 4  # 12 + 20 -> 64, fp32
+    per_slot = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 64 * 4  # 12 + 8 -> 64, fp32
     caches = []
     real = generate_mod.KVCache
     monkeypatch.setattr(generate_mod, "KVCache", lambda *a: caches.append(real(*a)) or caches[-1])
@@ -273,7 +273,7 @@ def test_kv_cache_budget_caps_slots(monkeypatch):
     def kv_bytes(cache):
         return sum(t.numel() * t.element_size() for t in cache.k + cache.v)
 
-    kw = dict(max_new_tokens=20, stop_ids=[], n=2, temperature=1.0, seed=3)
+    kw = dict(max_new_tokens=8, stop_ids=[], n=2, temperature=1.0, seed=3)
     free = generate(model, prompts, **kw)  # the default budget (4 GiB on a CPU) fits every row
     capped = generate(model, prompts, kv_cache_bytes=3 * per_slot + 5, **kw)
     with pytest.warns(UserWarning, match="batch_size=6 capped to 2 slots"):  # batch_size is capped too, loudly
