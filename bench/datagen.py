@@ -27,27 +27,11 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-
-class _Quiet(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 256
-
-    def handle_error(self, request, client_address):
-        pass
-
-
-def _serve(handler):
-    s = _Quiet(("127.0.0.1", 0), handler)
-    threading.Thread(target=s.serve_forever, daemon=True).start()
-    return s
 
 
 # ----------------------------------------------------------------------------------------------
@@ -92,7 +76,7 @@ def bench_teacher(n_requests, inflight=64, latency=0.2):
     url = f"http://127.0.0.1:{proc.stdout.readline().strip()}/v1"
     t = APITeacher(url, "bench", inflight=inflight, max_tokens=64)
     doc = ("coffee grind extraction water temperature " * 100)[:4000]
-    items = ((str(i), f"question {i} about espresso", doc) for i in range(n_requests))
+    items = ((str(i), f"question {i} about espresso", doc, "linked") for i in range(n_requests))
     try:
         with tempfile.TemporaryDirectory() as d, open(Path(d) / "pairs.jsonl", "a") as f:
             t0, c0 = time.perf_counter(), time.process_time()

@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = ap.add_argument_group("input and output")
     g.add_argument("--posts", required=True, help="the dump's Posts.xml (.xml or .xml.gz; extract .7z archives first)")
-    g.add_argument("--out", required=True, help="run directory: pairs.jsonl, train.jsonl, val.jsonl, summary.json, settings.json")
+    g.add_argument("--out", required=True,
+                   help="run directory: pairs.jsonl, train.jsonl, val.jsonl, summary.json, settings.json")
     g.add_argument("--format", choices=prompts.FORMATS, default="explain",
                    help="explain: the teacher explains, then labels (InteRank); label: the label line only "
                         "(train/val keep an empty explanation)")
@@ -190,7 +191,8 @@ def make_teacher(args):
         raise UsageError("give either --teacher-url URL --teacher-model NAME, or --teacher SPEC")
     if args.teacher == "structure":
         if args.documents != "answers":
-            raise UsageError("--teacher structure labels answers by their place in the thread: it needs --documents answers")
+            raise UsageError("--teacher structure labels answers by their place in the thread: "
+                             "it needs --documents answers")
         return StructureTeacher(args.format)
     if args.teacher:
         return LocalTeacher(args.teacher, args.format, args.batch_size, args.max_tokens, args.dtype, args.device)
@@ -289,13 +291,17 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     # one run per directory: two appending to pairs.jsonl would label pairs twice. The lock dies with
     # the process (even on SIGKILL), so a killed run never blocks its rerun.
-    import fcntl
-    lock = open(out / ".lock", "w")
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        raise UsageError(f"{out} is in use by another run (rerun once it has finished)") from None
-    args._lock = lock  # held until the process exits
+        import fcntl
+    except ImportError:  # not on POSIX: no lock
+        fcntl = None
+    if fcntl is not None:
+        lock = open(out / ".lock", "w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise UsageError(f"{out} is in use by another run (rerun once it has finished)") from None
+        args._lock = lock  # held until the process exits
     exclude = None
     if args.exclude_bright is not None:
         bdir = _bright_default() if args.exclude_bright == "default" else args.exclude_bright

@@ -19,7 +19,7 @@ import pytest
 
 from minirank import datagen, prompts
 from minirank.crawl import html_text
-from minirank.stackexchange import BrightFilter, DumpError, iter_rows, post_text, read_questions
+from minirank.stackexchange import BrightFilter, DumpError, iter_rows, read_questions
 from minirank.teacher import StructureTeacher
 
 ROOT = Path(__file__).resolve().parent.parent
