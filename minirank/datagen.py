@@ -389,9 +389,15 @@ def finish(out: Path, args, st, links, plan, teacher_name) -> dict:
     labels, fails, kinds = Counter(), Counter(), Counter()
     usage = Counter()
     attempts = 0
+    path = out / "pairs.jsonl"
+    if path.exists():
+        with open(path, encoding="utf-8") as f:
+            for line in f:  # every record, superseded failures too: their tokens were spent all the same
+                if line.strip():
+                    r = json.loads(line)
+                    usage.update(r.get("usage") or {})
+                    attempts += r.get("attempts") or 0
     for pid, r in recs.items():
-        usage.update(r.get("usage") or {})
-        attempts += r.get("attempts") or 0
         if r.get("label") is None:
             fails[r.get("failure") or "unknown"] += 1
             continue

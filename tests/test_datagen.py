@@ -171,6 +171,7 @@ class _Server:
 
     def __init__(self, routes):
         log = self.log = []
+        times = self.times = []  # arrival time of each request in `log`
         lock = threading.Lock()
 
         class H(BaseHTTPRequestHandler):
@@ -183,6 +184,7 @@ class _Server:
             def _go(self):
                 with lock:
                     log.append((self.command, self.path, dict(self.headers)))
+                    times.append(time.monotonic())
                 routes(self)
 
             do_GET = do_POST = _go
@@ -442,6 +444,10 @@ def test_end_to_end_kill_and_resume(tmp_path, servers, monkeypatch, capsys):
     assert S["b"].paths().count("/doc.html") == 1
     assert S["slow"].paths().count("/page.html") == 2  # one retry, then recorded as timeout
 
+    # politeness: one host never sees two requests closer than --host-delay (0.05 s)
+    for srv in (S["a"], S["b"]):
+        assert min(b - a for a, b in zip(srv.times, srv.times[1:])) >= 0.05
+
     # pairs: all planned pairs done, failures with causes, nothing pending
     P = summary["pairs"]
     assert P["pending"] == 0 and P["not_in_plan"] == 0
@@ -485,6 +491,16 @@ def test_end_to_end_kill_and_resume(tmp_path, servers, monkeypatch, capsys):
     n_post = sum(1 for m, _, _ in S["teacher"].log if m == "POST")
     assert datagen.main(cmd[3:]) == 0 and pairs.read_text().count("\n") == len(ids)
     assert sum(1 for m, _, _ in S["teacher"].log if m == "POST") == n_post
+    # --retry-failed: only the 4 failed pairs go to the teacher again (and fail again)
+    n_post = sum(1 for m, _, _ in S["teacher"].log if m == "POST")
+    assert datagen.main(cmd[3:] + ["--retry-failed"]) == 0
+    again = [json.loads(x) for x in pairs.read_text().splitlines()[len(ids):]]
+    assert sorted(x["pair_id"] for x in again) == sorted(x["pair_id"] for x in bad)
+    assert sum(1 for m, _, _ in S["teacher"].log if m == "POST") - n_post == 2 * 2 + 2 * 3  # parse 1+1, http 1+2
+    s2 = json.loads((out / "summary.json").read_text())
+    assert s2["pairs"] == P and s2["teacher"]["failures"] == T["failures"]
+    assert s2["teacher"]["requests"] == T["requests"] + 2 * 2 + 2 * 3  # every request counted, retries too
+
     # --offline with the page cache of the first run: no host contacted, cached outcomes reused
     n_pages = len(S["a"].log) + len(S["b"].log) + len(S["slow"].log)
     out2 = tmp_path / "run2"
@@ -492,6 +508,12 @@ def test_end_to_end_kill_and_resume(tmp_path, servers, monkeypatch, capsys):
     assert len(S["a"].log) + len(S["b"].log) + len(S["slow"].log) == n_pages
     L2 = json.loads((out2 / "summary.json").read_text())["links"]
     assert (L2["used"], L2["fetched"], L2["refused_robots"], L2["failed"]) == (6, 3, 1, {"http_404": 1, "too_large": 1})
+
+    # --offline with an empty cache: nothing fetched, nothing to label, still a complete summary
+    out3 = tmp_path / "run3"
+    assert datagen.main(_cmd(posts, out3, S, "--offline", "--cache", str(tmp_path / "empty"), "--max-questions", "1")[3:]) == 0
+    s3 = json.loads((out3 / "summary.json").read_text())
+    assert s3["links"]["offline"] == 3 and s3["pairs"]["planned"] == 0 and (out3 / "train.jsonl").read_text() == ""
 
     capsys.readouterr()
     assert datagen.main(_cmd(posts, out, S, "--format", "label")[3:]) == 2
