@@ -153,29 +153,51 @@ def _write_json(path: Path, obj):
     os.replace(tmp, path)
 
 
-def read_pairs(path: Path) -> dict[str, dict]:
-    """Last record per pair id. A torn last line (the run was killed mid-write) is cut off."""
-    recs = {}
+def _records(path: Path):
+    """(line number, byte offset, record) of every record of pairs.jsonl, streamed. A torn last line
+    (the run was killed mid-write) is cut off the file first."""
     if not path.exists():
-        return recs
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        cut = data.rfind(b"\n") + 1
-        with open(path, "r+b") as f:
-            f.truncate(cut)
-        data = data[:cut]
-    for n, line in enumerate(data.decode("utf-8").splitlines(), 1):
-        if not line.strip():
+        return
+    with open(path, "r+b") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size:
+            f.seek(max(0, size - 1))
+            if f.read(1) != b"\n":  # find the last newline, reading backwards in blocks
+                end = size
+                while end > 0:
+                    start = max(0, end - 65536)
+                    f.seek(start)
+                    i = f.read(end - start).rfind(b"\n")
+                    if i >= 0:
+                        break
+                    end = start
+                f.truncate(start + i + 1 if end > 0 else 0)
+    with open(path, "rb") as f:
+        n, pos = 0, 0
+        for line in f:
+            n += 1
+            at, pos = pos, pos + len(line)
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+                r["pair_id"]
+            except (ValueError, KeyError, TypeError):
+                raise UsageError(f"{path}:{n}: not a pair record") from None
+            yield n, at, r
+
+
+def read_pairs(path: Path) -> dict[str, tuple[bool, int]]:
+    """{pair id: (labelled, byte offset of its final record)}. A labelled record is final; a failed
+    one is superseded by a later record of the same pair (--retry-failed). Only this small index is
+    held in memory, never the records (each carries an 8,000-character document)."""
+    final = {}
+    for _, at, r in _records(path):
+        pid = r["pair_id"]
+        if pid in final and final[pid][0]:
             continue
-        try:
-            r = json.loads(line)
-            pid = r["pair_id"]
-        except (ValueError, KeyError, TypeError):
-            raise UsageError(f"{path}:{n}: not a pair record") from None
-        if pid in recs and recs[pid].get("label") is not None:
-            continue  # a labelled pair is final
-        recs[pid] = r
-    return recs
+        final[pid] = (r.get("label") is not None, at)
+    return final
 
 
 # ----------------------------------------------------------------------------------------------
@@ -335,7 +357,7 @@ def run(args) -> int:
             plan.append((f"{q.id}|negative", q, neg[q.id], "negative"))
     pairs_path = out / "pairs.jsonl"
     done = read_pairs(pairs_path)
-    todo = [p for p in plan if p[0] not in done or (args.retry_failed and done[p[0]].get("label") is None)]
+    todo = [p for p in plan if p[0] not in done or (args.retry_failed and not done[p[0]][0])]
     by_id = {p[0]: p for p in todo}
 
     def items():
@@ -383,35 +405,39 @@ def run(args) -> int:
 
 def finish(out: Path, args, st, links, plan, teacher_name) -> dict:
     """train/val + summary, recomputed from pairs.jsonl (every run ends here, so they always agree)."""
-    recs = read_pairs(out / "pairs.jsonl")
+    path = out / "pairs.jsonl"
+    final = read_pairs(path)
     planned = {p[0] for p in plan}
-    train, val = [], []
+    n_split = Counter()
+    q_split = {"train": set(), "val": set()}
     labels, fails, kinds = Counter(), Counter(), Counter()
     usage = Counter()
     attempts = 0
-    path = out / "pairs.jsonl"
-    if path.exists():
-        with open(path, encoding="utf-8") as f:
-            for line in f:  # every record, superseded failures too: their tokens were spent all the same
-                if line.strip():
-                    r = json.loads(line)
-                    usage.update(r.get("usage") or {})
-                    attempts += r.get("attempts") or 0
-    for pid, r in recs.items():
-        if r.get("label") is None:
-            fails[r.get("failure") or "unknown"] += 1
-            continue
-        labels[r["label"]] += 1
-        kinds[r["kind"]] += 1
-        row = {"query": r["query"], "document": r["document"], "explanation": r["explanation"],
-               "label": r["label"], "question_id": r["question_id"], "url": r["url"], "kind": r["kind"]}
-        (val if is_val(r["question_id"], args.val_fraction) else train).append(row)
-    for name, rows in (("train.jsonl", train), ("val.jsonl", val)):
-        tmp = out / (name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, out / name)
+    tmp = {name: out / f"{name}.jsonl.tmp" for name in ("train", "val")}
+    files = {name: open(p, "w", encoding="utf-8") for name, p in tmp.items()}
+    try:
+        for _, at, r in _records(path):
+            # every record counts for the cost, superseded failures too: their tokens were spent
+            usage.update(r.get("usage") or {})
+            attempts += r.get("attempts") or 0
+            if final[r["pair_id"]][1] != at:
+                continue
+            if r.get("label") is None:
+                fails[r.get("failure") or "unknown"] += 1
+                continue
+            labels[r["label"]] += 1
+            kinds[r["kind"]] += 1
+            row = {"query": r["query"], "document": r["document"], "explanation": r["explanation"],
+                   "label": r["label"], "question_id": r["question_id"], "url": r["url"], "kind": r["kind"]}
+            side = "val" if is_val(r["question_id"], args.val_fraction) else "train"
+            files[side].write(json.dumps(row, ensure_ascii=False) + "\n")
+            n_split[side] += 1
+            q_split[side].add(r["question_id"])
+    finally:
+        for f in files.values():
+            f.close()
+    for name, p in tmp.items():
+        os.replace(p, out / f"{name}.jsonl")
     n_lab = sum(labels.values())
     summary = {
         "questions": {"read": st.questions, "answers_read": st.answers, "filtered": st.filtered,
@@ -420,15 +446,14 @@ def finish(out: Path, args, st, links, plan, teacher_name) -> dict:
         "documents": args.documents,
         "links": links if args.documents == "web" else None,
         "pairs": {"planned": len(plan), "labelled": n_lab, "failed": sum(fails.values()),
-                  "pending": len(planned - set(recs)), "not_in_plan": len(set(recs) - planned),
+                  "pending": len(planned - set(final)), "not_in_plan": len(set(final) - planned),
                   "labelled_by_kind": dict(kinds)},
         "labels": {str(k): labels[k] for k in prompts.LABELS},
         "teacher": {"name": teacher_name, "format": args.format, "prompt_hash": prompts.prompt_hash(args.format),
                     "failures": dict(fails), "requests": attempts,
                     "prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"]},
-        "split": {"train_pairs": len(train), "val_pairs": len(val),
-                  "train_questions": len({r["question_id"] for r in train}),
-                  "val_questions": len({r["question_id"] for r in val})},
+        "split": {"train_pairs": n_split["train"], "val_pairs": n_split["val"],
+                  "train_questions": len(q_split["train"]), "val_questions": len(q_split["val"])},
     }
     _write_json(out / "summary.json", summary)
     return summary

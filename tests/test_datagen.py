@@ -647,3 +647,23 @@ def test_structure_teacher_on_coffee(tmp_path, capsys):
     assert all(r["url"] not in own[r["question_id"]] for r in rows if r["kind"] == "negative")
     assert datagen.main(["--posts", str(COFFEE), "--out", str(tmp_path / "w"), "--teacher", "structure", "--quiet"]) == 2
     assert "needs --documents answers" in capsys.readouterr().err
+
+
+def test_pairs_file_torn_tail_and_bad_line(tmp_path):
+    p = tmp_path / "pairs.jsonl"
+    good = [json.dumps({"pair_id": "1|a", "label": None, "failure": "http_500"}),
+            json.dumps({"pair_id": "1|a", "label": 2}), json.dumps({"pair_id": "1|a", "label": None}),
+            json.dumps({"pair_id": "2|b", "label": None})]
+    p.write_text("\n".join(good) + "\n" + '{"pair_id": "3|c", "lab')  # killed mid-write
+    final = datagen.read_pairs(p)
+    offsets = [0]
+    for g in good:
+        offsets.append(offsets[-1] + len(g) + 1)
+    # a labelled record is final; a failure is superseded by a later record of its pair
+    assert final == {"1|a": (True, offsets[1]), "2|b": (False, offsets[3])}
+    assert p.read_text() == "\n".join(good) + "\n"  # the torn line is gone, the rest untouched
+    p.write_text(good[0] + "\nnot json\n")
+    with pytest.raises(datagen.UsageError, match=r"pairs.jsonl:2: not a pair record"):
+        datagen.read_pairs(p)
+    p.write_text('{"pair_id": "x"')  # only a torn line
+    assert datagen.read_pairs(p) == {} and p.read_text() == ""
