@@ -93,16 +93,22 @@ class APITeacher:
         adapter = requests.adapters.HTTPAdapter(pool_connections=2, pool_maxsize=max(10, inflight))
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
+        self._key = api_key
         if api_key:  # kept in the session only: never printed, never written
             self.session.headers["Authorization"] = f"Bearer {api_key}"
         self.stop = threading.Event()
 
+    def _err(self, r) -> str:
+        """The server's error message, with the API key blanked should the server echo it back."""
+        text = _error_text(r)
+        return text.replace(self._key, "***") if self._key else text
+
     def _auth_fatal(self, r):
         hint = f" (the key comes from ${self.key_env})" if self.key_env else ""
-        return TeacherFatal(f"teacher {self.url} refused the request: HTTP {r.status_code} {_error_text(r)}{hint}")
+        return TeacherFatal(f"teacher {self.url} refused the request: HTTP {r.status_code} {self._err(r)}{hint}")
 
     def _is_model_error(self, r) -> bool:
-        return r.status_code == 404 or (r.status_code in (400, 422) and "model" in _error_text(r).lower())
+        return r.status_code == 404 or (r.status_code in (400, 422) and "model" in self._err(r).lower())
 
     def check(self):
         """Fail fast before any work: server reachable, key accepted, model served (if listed)."""
@@ -146,9 +152,9 @@ class APITeacher:
                 elif self._is_model_error(r):
                     self.stop.set()
                     raise TeacherFatal(f"teacher {self.url} rejected model {self.model!r}: HTTP {r.status_code} "
-                                       f"{_error_text(r)}")
+                                       f"{self._err(r)}")
                 elif r.status_code != 200:  # e.g. 400 prompt too long: this pair can never succeed
-                    res.failure, res.detail = f"http_{r.status_code}", _error_text(r)
+                    res.failure, res.detail = f"http_{r.status_code}", self._err(r)
                     return res
                 else:
                     try:

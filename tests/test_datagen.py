@@ -288,8 +288,9 @@ def teacher_routes(h):
     if h.command == "GET" and h.path == "/v1/models":
         return h.send(200, json.dumps({"object": "list", "data": [{"id": "judge-70b", "object": "model"}]}),
                       "application/json")
-    if h.headers.get("Authorization") != "Bearer sk-test-SECRET-42":
-        return h.send(401, json.dumps({"error": {"message": "invalid api key"}}), "application/json")
+    if h.headers.get("Authorization") != "Bearer sk-test-SECRET-42":  # echoes the key, as some servers do
+        return h.send(401, json.dumps({"error": {"message": f"invalid api key {h.headers.get('Authorization')}"}}),
+                      "application/json")
     n = int(h.headers["Content-Length"])
     req = json.loads(h.rfile.read(n))
     if req["model"] != "judge-70b":
@@ -521,7 +522,7 @@ def test_end_to_end_kill_and_resume(tmp_path, servers, monkeypatch, capsys):
     assert "other settings" in err and "format: 'explain' -> 'label'" in err and err.count("\n") == 1
 
 
-def test_teacher_fatal_errors(tmp_path, servers):
+def test_teacher_fatal_errors(tmp_path, servers, capsys):
     S = servers
     posts = tmp_path / "Posts.xml"
     write_posts(posts, [question(1, "Espresso", "<p>crema?</p>", accepted=2), answer(2, 1, "<p>espresso crema tips</p>")])
@@ -544,7 +545,10 @@ def test_teacher_fatal_errors(tmp_path, servers):
     assert run("o2", S["teacher"].url, "no-such-model") == 2
     assert not (tmp_path / "o2" / "settings.json").exists()  # a typo must not claim the run dir
     n = len(S["teacher"].log)
-    assert run("o3", S["teacher"].url, "judge-70b", key="wrong") == 2
+    capsys.readouterr()
+    assert run("o3", S["teacher"].url, "judge-70b", key="wrong-key-777") == 2
+    err = capsys.readouterr().err
+    assert "HTTP 401" in err and "wrong-key-777" not in err and "Bearer ***" in err
     # /v1/models, then one chat request answered 401: stopped at once, no retries
     assert [(m, p) for m, p, _ in S["teacher"].log[n:]] == [("GET", "/v1/models"), ("POST", "/v1/chat/completions")]
     # a server without /v1/models that rejects the model on the chat request itself
