@@ -119,6 +119,11 @@ def test_not_a_posts_file(tmp_path, capsys):
                          "--teacher-model", "m", "--documents", "answers", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("train.py data: error: ") and "not a StackExchange Posts.xml" in err and err.count("\n") == 1
+    cut = tmp_path / "cut.xml.gz"  # a download that stopped half-way
+    full = gzip.compress(("<posts>\n" + '  <row Id="1" PostTypeId="1" Title="t" Body="b" />\n' * 5000).encode())
+    cut.write_bytes(full[: len(full) // 2])
+    with pytest.raises(DumpError, match="cut.xml.gz"):
+        read_questions(cut)
     seven = tmp_path / "Posts.7z"
     seven.write_bytes(b"7z\xbc\xaf\x27\x1c" + b"\x00" * 20)
     with pytest.raises(DumpError, match="extract Posts.xml"):
