@@ -25,6 +25,7 @@ from pathlib import Path
 from urllib.parse import urldefrag
 
 from . import prompts
+from .files import write_json
 from .crawl import USER_AGENT, Crawler, PageCache
 from .stackexchange import BrightFilter, DumpError, iter_rows, read_questions
 from .teacher import APITeacher, LocalTeacher, StructureTeacher, TeacherFatal
@@ -144,13 +145,7 @@ def _check_settings(out: Path, settings: dict, write: bool):
             d = ", ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in diff[:4])
             raise UsageError(f"{out} was written with other settings ({d}); use a new --out")
     elif write:
-        _write_json(p, settings)
-
-
-def _write_json(path: Path, obj):
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+        write_json(p, settings)
 
 
 def _records(path: Path):
@@ -455,7 +450,7 @@ def finish(out: Path, args, st, links, plan, teacher_name) -> dict:
         "split": {"train_pairs": n_split["train"], "val_pairs": n_split["val"],
                   "train_questions": len(q_split["train"]), "val_questions": len(q_split["val"])},
     }
-    _write_json(out / "summary.json", summary)
+    write_json(out / "summary.json", summary)
     return summary
 
 
