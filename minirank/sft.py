@@ -29,7 +29,7 @@ from . import prompts
 from . import training as T
 from .training import UsageError
 
-NOT_SETTINGS = ("resume", "eval_every", "save_every", "keep_checkpoints", "val_limit", "val_max_new_tokens",
+NOT_SETTINGS = ("resume", "eval_every", "eval_first", "save_every", "keep_checkpoints", "val_limit", "val_max_new_tokens",
                 "val_batch_size", "progress")  # may change between a run and its resumption
 
 
@@ -71,6 +71,7 @@ class SFTConfig:
     seed: int = 0
     skip_bad: bool = field(default=False, metadata={"help": "skip (and count) bad records instead of stopping"})
     eval_every: int = field(default=0, metadata={"help": "validate every N steps (0: only at the end)"})
+    eval_first: bool = field(default=False, metadata={"help": "also validate before the first step (the baseline)"})
     val_limit: int = field(default=64, metadata={"help": "validation examples for greedy generation (0: all)"})
     val_max_new_tokens: int = field(default=384, metadata={"help": "generation length cap in validation"})
     val_batch_size: int = field(default=16, metadata={"help": "generation slots in validation"})
@@ -401,6 +402,10 @@ def run(cfg: SFTConfig) -> int:
     log(f"{sum(p.numel() for p in params):,} trainable parameters; {total} steps of {cfg.batch_size} examples; "
         f"{world} process(es) on {device}")
 
+    if val and rank == 0 and cfg.eval_first and start == 0:
+        v = evaluate(model, tok, val, cfg, device, amp)
+        metrics.log(0, **v)
+        log("step 0: " + " ".join(f"{k} {x:.4g}" for k, x in v.items()))
     bar = tqdm(range(start, total), initial=start, total=total, disable=rank != 0 or not cfg.progress, dynamic_ncols=True)
     for step in bar:
         t0 = time.perf_counter()
