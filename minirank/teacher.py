@@ -231,9 +231,10 @@ class LocalTeacher:
         import torch
 
         import minirank
+        from .hub import HubError
         try:
             self.model, self.tok = minirank.load(spec, dtype=getattr(torch, dtype), device=device)
-        except (OSError, ValueError, minirank.CheckpointError) as e:
+        except (OSError, ValueError, HubError) as e:  # CheckpointError and GGUFError are ValueErrors
             raise TeacherFatal(f"cannot load teacher model {spec!r}: {e}") from None
         self.name, self.fmt, self.batch_size, self.max_new_tokens = spec, fmt, batch_size, max_new_tokens
 

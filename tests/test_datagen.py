@@ -658,6 +658,19 @@ def test_structure_teacher_on_coffee(tmp_path, capsys):
     assert "needs --documents answers" in capsys.readouterr().err
 
 
+def test_local_teacher_not_loadable(tmp_path, monkeypatch, capsys):
+    """A hub spec that cannot be served (here: offline, not cached) is one line and exit 2, no traceback."""
+    posts = tmp_path / "Posts.xml"
+    write_posts(posts, [question(1, "Espresso", "<p>crema?</p>", accepted=2), answer(2, 1, "<p>tips</p>")])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("MINIRANK_CACHE", str(tmp_path / "cache"))
+    capsys.readouterr()
+    assert datagen.main(["--posts", str(posts), "--out", str(tmp_path / "o"), "--documents", "answers",
+                         "--teacher", "nosuch/model", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("train.py data: error: cannot load teacher model 'nosuch/model'") and err.count("\n") == 1
+
+
 def test_pairs_file_torn_tail_and_bad_line(tmp_path):
     p = tmp_path / "pairs.jsonl"
     good = [json.dumps({"pair_id": "1|a", "label": None, "failure": "http_500"}),
