@@ -212,7 +212,9 @@ def _host(url: str) -> str:
     return f"{s.scheme}://{s.netloc}".lower()
 
 
-def _retry_after(r) -> float | None:
+def retry_after(r) -> float | None:
+    """Seconds a response's Retry-After asks for (delta-seconds or an HTTP date), None when absent
+    or unreadable. The teacher client (teacher.py) honours it the same way."""
     v = r.headers.get("Retry-After")
     if not v:
         return None
@@ -285,7 +287,7 @@ class Crawler:
             if r.is_redirect and r.headers.get("Location"):
                 return "redirect", urljoin(job.cur, r.headers["Location"])
             if r.status_code in RETRY_CODES:
-                return "retry", f"http_{r.status_code}", _retry_after(r)
+                return "retry", f"http_{r.status_code}", retry_after(r)
             if r.status_code != 200:
                 return "done", Page(job.url, f"http_{r.status_code}", job.cur)
             ctype = r.headers.get("Content-Type", "").split(";")[0].strip().lower()

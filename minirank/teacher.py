@@ -10,14 +10,13 @@ pointless (bad API key, unknown model, no server) raise `TeacherFatal` instead.
 """
 
 import threading
-import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from email.utils import parsedate_to_datetime
 
 import requests
 
 from . import prompts
+from .crawl import retry_after
 
 RETRY_CODES = {408, 409, 425, 429, 500, 502, 503, 504}
 
@@ -43,19 +42,6 @@ def split_answer(text: str, fmt: str) -> tuple[int | None, str]:
     if label is None or fmt == "label":
         return label, ""
     return label, text[:text.rfind(prompts.LABEL_PREFIX)].strip()
-
-
-def _retry_after(r) -> float | None:
-    v = r.headers.get("Retry-After")
-    if not v:
-        return None
-    try:
-        return max(0.0, float(v))
-    except ValueError:
-        try:
-            return max(0.0, parsedate_to_datetime(v).timestamp() - time.time())
-        except (TypeError, ValueError):
-            return None
 
 
 def _error_text(r) -> str:
@@ -148,7 +134,7 @@ class APITeacher:
                     self.stop.set()
                     raise self._auth_fatal(r)
                 if r.status_code in RETRY_CODES:
-                    cause, wait_s = f"http_{r.status_code}", _retry_after(r)
+                    cause, wait_s = f"http_{r.status_code}", retry_after(r)
                 elif self._is_model_error(r):
                     self.stop.set()
                     raise TeacherFatal(f"teacher {self.url} rejected model {self.model!r}: HTTP {r.status_code} "
