@@ -25,7 +25,7 @@ from pathlib import Path
 from urllib.parse import urldefrag
 
 from . import prompts
-from .files import write_json
+from .files import DataError, write_json
 from .crawl import USER_AGENT, Crawler, PageCache
 from .stackexchange import BrightFilter, DumpError, iter_rows, read_questions
 from .teacher import APITeacher, LocalTeacher, StructureTeacher, TeacherFatal
@@ -458,7 +458,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (UsageError, DumpError, TeacherFatal) as e:
+    except (UsageError, DumpError, DataError, TeacherFatal) as e:
         print(f"train.py data: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

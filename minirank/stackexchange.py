@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
 
+from .files import read_rows
+
 
 class DumpError(ValueError):
     """The file is not a readable StackExchange Posts.xml."""
@@ -293,27 +295,21 @@ def _shingles(words):
 
 class BrightFilter:
     def __init__(self, bright_dir: str | Path):
-        import json
         d = Path(bright_dir) / "examples"
-        files = sorted(d.glob("*.jsonl.gz")) + sorted(d.glob("*.jsonl"))
-        if not files:
+        paths = sorted(d.glob("*.jsonl.gz")) + sorted(d.glob("*.jsonl"))
+        if not paths:
             raise DumpError(f"{d}: no BRIGHT examples (*.jsonl.gz) to exclude")
         self.titles, self.shingles, self.n_queries = set(), set(), 0
-        for fp in files:
-            opener = gzip.open if fp.suffix == ".gz" else open
-            with opener(fp, "rt", encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        q = json.loads(line)["query"]
-                    except (ValueError, KeyError, TypeError):
-                        raise DumpError(f"{fp}:{n}: not a BRIGHT example row (no 'query')") from None
-                    self.n_queries += 1
-                    first = normalise(q.strip().split("\n", 1)[0])
-                    if len(first) >= 3:
-                        self.titles.add(" ".join(first))
-                    self.shingles |= _shingles(normalise(q))
+        for fp in paths:
+            for n, row in enumerate(read_rows(fp, columns=["query"]), 1):  # DataError names file:line
+                q = row["query"]
+                if not isinstance(q, str):
+                    raise DumpError(f"{fp}: row {n}: not a BRIGHT example (no 'query' text)")
+                self.n_queries += 1
+                first = normalise(q.strip().split("\n", 1)[0])
+                if len(first) >= 3:
+                    self.titles.add(" ".join(first))
+                self.shingles |= _shingles(normalise(q))
 
     def __call__(self, title: str, body: str) -> bool:
         t = normalise(title)

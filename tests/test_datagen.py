@@ -144,6 +144,22 @@ def test_exclude_bright(tmp_path):
     assert st.excluded == 1 and [q.id for q in qs] == ["2"]
 
 
+def test_exclude_bright_bad_examples(tmp_path, capsys):
+    """A broken BRIGHT examples file is one line naming file and line, exit 2."""
+    (tmp_path / "b" / "examples").mkdir(parents=True)
+    (tmp_path / "b" / "examples" / "x.jsonl").write_text('{"query": "a b c"}\nnot json\n')
+    posts = tmp_path / "Posts.xml"
+    write_posts(posts, [question(1, "Espresso", "<p>crema?</p>", accepted=2), answer(2, 1, "<p>tips</p>")])
+    capsys.readouterr()
+    assert datagen.main(["--posts", str(posts), "--out", str(tmp_path / "o"), "--documents", "answers",
+                         "--teacher", "structure", "--exclude-bright", str(tmp_path / "b"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "x.jsonl:2: not a JSON object" in err and err.count("\n") == 1
+    (tmp_path / "b" / "examples" / "x.jsonl").write_text('{"id": "1"}\n')
+    with pytest.raises(DumpError, match=r"x.jsonl: row 1: not a BRIGHT example"):
+        BrightFilter(tmp_path / "b")
+
+
 def test_html_main_text():
     page = (FIX / "article.html").read_text()
     text = html_text(page)
