@@ -354,10 +354,12 @@ def run(args) -> int:
     done = read_pairs(pairs_path)
     todo = [p for p in plan if p[0] not in done or (args.retry_failed and not done[p[0]][0])]
     by_id = {p[0]: p for p in todo}
+    sent = {}  # pair id -> the document as the teacher saw it, until its record is written
 
     def items():
         for pid, q, d, kind in todo:
-            yield pid, q.query, (text(d) or "")[: prompts.MAX_DOC_CHARS], kind
+            sent[pid] = (text(d) or "")[: prompts.MAX_DOC_CHARS]  # one page-cache read per pair
+            yield pid, q.query, sent[pid], kind
 
     phash = prompts.prompt_hash(args.format)
     fatal = None
@@ -372,7 +374,7 @@ def run(args) -> int:
                     for pid, res in batch:
                         _, q, d, kind = by_id[pid]
                         rec = {"pair_id": pid, "question_id": q.id, "query": q.query, "url": d, "kind": kind,
-                               "document": (text(d) or "")[: prompts.MAX_DOC_CHARS],
+                               "document": sent.pop(pid),
                                "explanation": res.explanation if res.label is not None else "",
                                "label": res.label, "teacher": teacher.name, "prompt_hash": phash,
                                "format": args.format, "failure": res.failure, "detail": res.detail or None,
