@@ -3,7 +3,7 @@ themselves) + one BM25 negative per question -> a teacher's explanation and 0/1/
 
     python train.py data --posts Posts.xml --out DIR (--teacher-url URL --teacher-model NAME | --teacher SPEC)
 
-Stages: questions (stackexchange.py: two streaming passes) -> documents (crawl.py, cached on disk; or
+Stages: questions (stackexchange.py: one streaming pass) -> documents (crawl.py, cached on disk; or
 --documents answers: no web at all) -> negatives (bm25.py over every question's documents) -> teacher
 (teacher.py) -> DIR/pairs.jsonl, train.jsonl, val.jsonl, summary.json.
 
