@@ -23,7 +23,6 @@ a branch that moves in the middle of a download cannot mix files of two commits 
         snapshots/{commit}/      config.json, tokenizer.json, ..., .complete
 """
 
-import hashlib
 import json
 import os
 import re
@@ -32,6 +31,8 @@ from pathlib import Path
 
 import requests
 from tqdm import tqdm
+
+from .files import atomic_write, sha256_file
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 # a dropped connection loses the chunk being read (urllib3 discards it), so keep chunks modest
@@ -319,13 +320,10 @@ def _finish(part, meta_file, dest, url, ident, size):
         _drop(part, meta_file)
         raise HubError(f"download of {url} has {got} bytes, the hub says {size}; deleted, run again")
     if ident and _SHA256_RE.match(ident):
-        h = hashlib.sha256()
-        with open(part, "rb") as f:
-            while block := f.read(CHUNK):
-                h.update(block)
-        if h.hexdigest() != ident:
+        got_sha = sha256_file(part)
+        if got_sha != ident:
             _drop(part, meta_file)
-            raise HubError(f"download of {url} is corrupt: sha256 {h.hexdigest()}, the hub says {ident}; "
+            raise HubError(f"download of {url} is corrupt: sha256 {got_sha}, the hub says {ident}; "
                            f"deleted, run again")
     os.replace(part, dest)
     _drop(meta_file)
@@ -383,10 +381,7 @@ def snapshot_download(repo_id: str, revision: str = "main", cache: Path | None =
     if not _complete(local):
         _download_snapshot(repo_id, commit, local, _endpoint(endpoint), get_token(token), revision)
     if commit != revision and cached != commit:
-        ref.parent.mkdir(parents=True, exist_ok=True)
-        tmp = ref.with_name(ref.name + ".tmp")
-        tmp.write_text(commit + "\n")
-        os.replace(tmp, ref)  # last: a ref only ever names a complete snapshot
+        atomic_write(ref, commit + "\n")  # last: a ref only ever names a complete snapshot
     return local
 
 
@@ -429,6 +424,4 @@ def _download_snapshot(repo_id, commit, local, base, token, revision):
             if p is None or p.is_absolute() or ".." in p.parts:  # the index is remote input: stay inside
                 raise HubError(f"refusing shard path {shard!r} from {repo_id}@{revision} index")
             fetch(shard)
-    tmp = local / (DONE + ".part")
-    tmp.write_text("\n".join(got) + "\n")
-    os.replace(tmp, local / DONE)
+    atomic_write(local / DONE, "\n".join(got) + "\n")
