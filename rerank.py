@@ -137,8 +137,8 @@ def main(argv=None):
     # below the reranked top-k, keep the first-stage order (scores stay below every reranked one)
     final = {}
     for qid, ranked in reranked.items():
-        rest = sorted(first[qid].items(), key=lambda kv: (-kv[1], kv[0]))[args.top_k:]
-        final[qid] = {**ranked, **{d: -float(i) for i, (d, _) in enumerate(rest, 1)}}
+        rest = top_docids(first[qid], len(first[qid]))[args.top_k:]
+        final[qid] = {**ranked, **{d: -float(i) for i, d in enumerate(rest, 1)}}
     files.write_run(final, args.out / "run.trec", tag="minirank")
     print(f"wrote {args.out / 'run.trec'} ({len(final)} queries)")
     if qrels:

@@ -94,15 +94,15 @@ def query_key(prompt_fp: str, query: str, docids: list[str], docs: dict[str, str
     return content_hash([prompt_fp, query, [[d, docs[d][:MAX_DOC_CHARS]] for d in docids]])[:16]
 
 
-def _read_records(out_jsonl: Path) -> tuple[dict, list[str], bool]:
-    """({qid: (key, judgements)}, the good lines, whether the file needs rewriting)."""
+def _read_records(out_jsonl: Path) -> tuple[dict, list[tuple[str, str]], bool]:
+    """({qid: (key, judgements)}, the good lines as (qid, line), whether the file needs rewriting)."""
     done, good, dirty = {}, [], False
     text = out_jsonl.read_text() if out_jsonl.exists() else ""
     for n, line in enumerate(text.splitlines(), 1):
         try:
             rec = json.loads(line)
             done[rec["qid"]] = (rec.get("key"), [Judgement(**j) for j in rec["judgements"]])
-            good.append(line)
+            good.append((rec["qid"], line))
         except (json.JSONDecodeError, KeyError, TypeError):
             # a line cut short by a crash: drop it (so appends start on a clean line), judge again
             print(f"{out_jsonl}:{n}: incomplete record dropped; that query is judged again")
@@ -136,7 +136,7 @@ def rerank_run(model, tok, queries: dict[str, str], docs: dict[str, str], run: d
         print(f"{out_jsonl}: {len(stale)} queries were judged with other inputs (documents, query, top-k or "
               f"prompt); they are judged again")
     if dirty or stale:
-        keep = [line for line in good if json.loads(line)["qid"] not in stale]
+        keep = [line for qid, line in good if qid not in stale]
         atomic_write(out_jsonl, "".join(line + "\n" for line in keep))
         done = {q: v for q, v in done.items() if q not in stale}
     out_jsonl.parent.mkdir(parents=True, exist_ok=True)
