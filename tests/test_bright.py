@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from minirank import bright, files, hub as hub_api
+from minirank import bright, hub as hub_api
 from minirank.bright import (DOMAINS, BrightError, Example, evaluate_examples, excluded_from_examples,
                              load_documents, load_examples, main, qrels_from_examples, report)
 from minirank.files import DataError, read_qrels, read_run
