@@ -23,7 +23,6 @@ import torch
 
 import minirank
 from minirank import bright, files
-from minirank.files import DataError
 from minirank.hub import HubError
 from minirank.metrics import evaluate
 from minirank.prompts import FORMATS, MAX_DOC_CHARS, prompt_hash
@@ -36,17 +35,6 @@ MAX_NEW_TOKENS = {"explain": 1024, "label": 16}  # the label line alone is ~6 to
 
 class JobError(ValueError):
     """This job's settings do not fit the output directory or each other."""
-
-
-def read_texts(path: Path, text_fields: tuple[str, ...]) -> dict[str, str]:
-    """{id: text} from a JSONL(.gz) or parquet file whose rows have an `id` and one of `text_fields`."""
-    out = {}
-    for n, row in enumerate(files.read_rows(path), 1):
-        field = next((k for k in text_fields if isinstance(row.get(k), str)), None)
-        if "id" not in row or field is None:
-            raise DataError(f"{path}: row {n}: expected fields 'id' and one of {text_fields}")
-        out[str(row["id"])] = row[field]
-    return out
 
 
 def job_settings(args, model_dir: Path, tok, queries: dict, docs: dict, run: dict) -> dict:
@@ -113,12 +101,12 @@ def main(argv=None):
     elif args.queries or args.docs:
         if not (args.queries and args.docs and args.run):
             ap.error("--queries, --docs and --run go together")
-        queries = read_texts(args.queries, ("query", "text"))
-        docs = read_texts(args.docs, ("text", "content"))
+        queries = files.read_texts(args.queries, ("query", "text"))
+        docs = files.read_texts(args.docs, ("text", "content"))
         qrels = files.read_qrels(args.qrels) if args.qrels else None
     else:  # the bundled demo
         args.queries, args.docs, args.run = DEMO / "queries.jsonl", DEMO / "docs.jsonl", DEMO / "run.trec"
-        queries, docs = read_texts(args.queries, ("query",)), read_texts(args.docs, ("text",))
+        queries, docs = files.read_texts(args.queries, ("query",)), files.read_texts(args.docs, ("text",))
         qrels = files.read_qrels(DEMO / "qrels.txt")
         args.max_new_tokens = min(args.max_new_tokens, 160)
     if args.run is None:

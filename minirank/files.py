@@ -105,6 +105,18 @@ def read_rows(path, columns=None):
     return rows
 
 
+def read_texts(path, text_fields=("text",)):
+    """{id: text} of a rows file (as read_rows reads it) whose rows have an `id` and a string in one
+    of `text_fields` (the first present wins): queries or documents for a reranker."""
+    out = {}
+    for n, row in enumerate(read_rows(path), 1):
+        field = next((k for k in text_fields if isinstance(row.get(k), str)), None)
+        if "id" not in row or field is None:
+            raise DataError(f"{path}: row {n}: expected fields 'id' and one of {tuple(text_fields)}")
+        out[str(row["id"])] = row[field]
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Runs and qrels
 

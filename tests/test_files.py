@@ -133,3 +133,11 @@ def test_content_hash_and_file_stamps(tmp_path):
     before = files.file_stamps([p])
     p.write_text("xy")
     assert files.file_stamps([p]) != before and files.file_stamps([p])[0][0] == str(p.resolve())
+
+
+def test_read_texts(tmp_path):
+    p = tmp_path / "docs.jsonl.gz"
+    p.write_bytes(gzip.compress(b'{"id": 7, "title": "T", "text": "body"}\n{"id": "b", "content": "c"}\n'))
+    assert files.read_texts(p, ("text", "content")) == {"7": "body", "b": "c"}  # first present field wins
+    with pytest.raises(DataError, match=r"docs.jsonl.gz: row 2: expected fields 'id' and one of \('text',\)"):
+        files.read_texts(p, ("text",))
