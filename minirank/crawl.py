@@ -193,7 +193,10 @@ class PageCache:
             return None
         except ValueError:  # a torn file cannot happen with os.replace, but never trust the disk blindly
             return None
-        return Page(**d) if d.get("url") == url else None
+        try:  # another program's file, or one of an older layout: a miss, fetched again
+            return Page(**d) if d.get("url") == url else None
+        except (AttributeError, TypeError):
+            return None
 
     def put(self, page: Page):
         p = self.path(page.url)

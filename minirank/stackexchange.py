@@ -180,7 +180,7 @@ class _IdSet:
         self.bits, self.other = bytearray(), set()
 
     def add(self, i: str):
-        n = int(i) if i.isdigit() else -1
+        n = int(i) if i.isascii() and i.isdigit() else -1  # ('²'.isdigit() is True, int('²') fails)
         if n < 0:
             self.other.add(i)
             return
@@ -189,7 +189,7 @@ class _IdSet:
         self.bits[n >> 3] |= 1 << (n & 7)
 
     def __contains__(self, i) -> bool:
-        if not i or not i.isdigit():
+        if not i or not (i.isascii() and i.isdigit()):
             return i in self.other
         n = int(i)
         return (n >> 3) < len(self.bits) and bool(self.bits[n >> 3] & (1 << (n & 7)))

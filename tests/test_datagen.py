@@ -130,6 +130,21 @@ def test_not_a_posts_file(tmp_path, capsys):
         read_questions(seven)
 
 
+def test_odd_ids_and_foreign_cache_files(tmp_path):
+    """Hostile or foreign input is read around, never a traceback: a non-ASCII digit id in the dump,
+    page-cache files of another layout (a miss: fetched again)."""
+    p = tmp_path / "Posts.xml"
+    write_posts(p, [question("\u00b2", "Odd id", "<p>b</p>"), answer(9, "\u00b2", "<p>a</p>"), question(3, "T", "<p>c</p>")])
+    qs, st = read_questions(p)
+    assert [q.id for q in qs] == ["\u00b2", "3"] and [a.id for a in qs[0].answers] == ["9"]
+    from minirank.crawl import PageCache
+    cache, url = PageCache(tmp_path / "pages"), "http://example.org/x"
+    for junk in ([1, 2], {"url": url, "status": "ok", "from_another_version": 1}):
+        cache.path(url).parent.mkdir(parents=True, exist_ok=True)
+        cache.path(url).write_text(json.dumps(junk))
+        assert cache.get(url) is None
+
+
 @pytest.mark.skipif(not (BRIGHT / "examples").is_dir(), reason="shared BRIGHT examples absent")
 def test_exclude_bright(tmp_path):
     row = json.loads(gzip.open(BRIGHT / "examples" / "biology.jsonl.gz", "rt").readline())
