@@ -58,7 +58,8 @@ def check_settings(out: Path, settings: dict) -> None:
         try:
             before = json.loads(f.read_text())
         except ValueError:
-            before = {}
+            before = None
+        before = before if isinstance(before, dict) else {}  # unreadable: differs in every key
         if before != settings:
             keys = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
             shown = {k: (before.get(k), settings.get(k)) for k in keys}

@@ -139,7 +139,9 @@ def _check_settings(out: Path, settings: dict, write: bool):
         try:
             old = json.loads(p.read_text())
         except ValueError:
-            raise UsageError(f"{p}: unreadable settings file") from None
+            old = None
+        if not isinstance(old, dict):
+            raise UsageError(f"{p}: unreadable settings file (not a JSON object)")
         diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
         if diff:
             d = ", ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in diff[:4])

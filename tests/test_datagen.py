@@ -702,6 +702,17 @@ def test_local_teacher_not_loadable(tmp_path, monkeypatch, capsys):
     assert err.startswith("train.py data: error: cannot load teacher model 'nosuch/model'") and err.count("\n") == 1
 
 
+def test_settings_file_that_is_not_an_object(tmp_path, capsys):
+    posts = tmp_path / "Posts.xml"
+    write_posts(posts, [question(1, "Espresso", "<p>crema?</p>", accepted=2), answer(2, 1, "<p>tips</p>")])
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "settings.json").write_text("[]")
+    capsys.readouterr()
+    assert datagen.main(["--posts", str(posts), "--out", str(tmp_path / "o"), "--documents", "answers",
+                         "--teacher", "structure", "--quiet"]) == 2
+    assert "settings.json: unreadable settings file" in capsys.readouterr().err
+
+
 def test_pairs_file_torn_tail_and_bad_line(tmp_path):
     p = tmp_path / "pairs.jsonl"
     good = [json.dumps({"pair_id": "1|a", "label": None, "failure": "http_500"}),

@@ -211,3 +211,10 @@ def test_job_settings_cover_everything_that_changes_a_judgement(smol_dir, tmp_pa
     differs("chat_template")
     monkeypatch.setattr(prompts, "INSTRUCTIONS", {**prompts.INSTRUCTIONS, "explain": "Judge."})
     differs("chat_template", "prompt")
+
+
+def test_settings_file_that_is_not_an_object(tmp_path):
+    cli = _rerank_cli()
+    (tmp_path / "settings.json").write_text("[1, 2]")  # valid JSON, not settings: refused, no traceback
+    with pytest.raises(cli.JobError, match="other settings: model differ"):
+        cli.check_settings(tmp_path, {"model": "m"})
