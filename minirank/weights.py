@@ -48,6 +48,8 @@ def load_config(path: str | Path) -> ModelConfig:
         hf = json.loads(f.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{f}: invalid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{f}: expected a JSON object, got a {type(hf).__name__}")
     try:
         return ModelConfig.from_hf(hf, source=str(f))
     except ValueError as e:

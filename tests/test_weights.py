@@ -219,3 +219,9 @@ def test_write_json_is_atomic(tmp_path, monkeypatch):
         mw.write_json(path, {"a": 2, "long": "x" * 10_000})
     assert json.loads(path.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
+
+
+def test_config_json_that_is_not_an_object(tmp_path):
+    (tmp_path / "config.json").write_text("[1]")
+    with pytest.raises(mw.CheckpointError, match=r"config.json: expected a JSON object, got a list"):
+        mw.load_config(tmp_path)
