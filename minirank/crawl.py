@@ -319,7 +319,7 @@ class Crawler:
             return "done", Page(job.url, "ok", job.cur, text=text)
 
     def _robots(self, host: str):
-        """(parser or None = allow all, failure cause or '')."""
+        """(parser, '') | (None, ''): no robots.txt, allow all | (False, cause): unreachable, forbid all."""
         try:
             r = self.session.get(host + "/robots.txt", timeout=(min(10.0, self.timeout), self.timeout),
                                  stream=True)
