@@ -292,7 +292,7 @@ def download_file(url: str, dest: Path, token: str | None = None, desc: str | No
             _drop(meta_file)
             meta = {"etag": _etag(r.headers.get("ETag")), "id": ident}
             if meta["etag"] or ident:
-                meta_file.write_text(json.dumps(meta))
+                atomic_write(meta_file, json.dumps(meta))  # never a torn validator beside the .part
         try:
             with open(part, "ab" if have else "wb") as f, tqdm(
                     total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
