@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .files import atomic_write
+
 # ----------------------------------------------------------------------------------------------
 # Porter stemmer: Lucene's PorterStemmer (Porter's C release 3), which differs from the 1980 paper
 # in three ways: words of 1-2 letters are left alone, -bli -> -ble replaces -abli -> -able, and
@@ -603,16 +605,10 @@ def save_index(index, path, source=None):
     np.savez(tmp, data=w.data, indices=w.indices, indptr=w.indptr, shape=np.asarray(w.shape), idf=index.idf)
     os.replace(tmp, path / "arrays.npz")
     for name, obj in (("vocab.json", terms), ("doc_ids.json", index.doc_ids)):
-        with open(path / (name + ".tmp"), "w", encoding="utf-8") as f:
-            json.dump(obj, f, ensure_ascii=False)
-        os.replace(path / (name + ".tmp"), path / name)
+        atomic_write(path / name, json.dumps(obj, ensure_ascii=False))
     meta = {"version": INDEX_VERSION, "k1": index.k1, "b": index.b, "avgdl": index.avgdl,
             "n_docs": len(index.doc_ids), "n_terms": len(terms), "nnz": int(w.nnz), "source": source}
-    with open(path / "meta.json.tmp", "w") as f:
-        json.dump(meta, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path / "meta.json.tmp", path / "meta.json")  # written last: marks a complete index
+    atomic_write(path / "meta.json", json.dumps(meta))  # written last: marks a complete index
 
 
 def load_index(path, source=None):

@@ -238,14 +238,14 @@ def test_index_source_key_and_crash_during_rebuild(tmp_path, monkeypatch):
     assert load_index(path, source={"files": ["v2"]}) is None  # other data: not this index
     # a rebuild that dies after writing the new arrays, before the rest: no index at all, never
     # the new arrays under the old vocabulary and document ids
-    real_dump = json.dump
+    real_dumps = json.dumps
 
-    def dying_dump(obj, f, **kw):
+    def dying_dumps(obj, **kw):
         if isinstance(obj, list) and obj == ["x", "y", "z"]:
             raise OSError("disk full")
-        return real_dump(obj, f, **kw)
+        return real_dumps(obj, **kw)
 
-    monkeypatch.setattr(json, "dump", dying_dump)
+    monkeypatch.setattr(json, "dumps", dying_dumps)
     with pytest.raises(OSError):
         save_index(new, path, source={"files": ["v2"]})
     monkeypatch.undo()
