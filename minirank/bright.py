@@ -25,7 +25,7 @@ from pathlib import Path
 
 from . import bm25, files, hub
 from .files import DataError, read_qrels, read_rows, read_run, write_run
-from .metrics import DEFAULT_METRICS, canonical, evaluate, mean, per_query
+from .metrics import DEFAULT_METRICS, average, canonical, evaluate, mean, per_query
 
 DOMAINS = ("biology", "earth_science", "economics", "psychology", "robotics", "stackoverflow",
            "sustainable_living", "leetcode", "pony", "aops", "theoremqa_questions", "theoremqa_theorems")
@@ -357,7 +357,7 @@ def _cmd_evaluate(args):
     if missing:
         print(f"note: {len(missing)} of {sum(1 for d in qrels.values() if d)} judged queries are absent from "
               f"the run and are not averaged (trec_eval semantics)", file=sys.stderr)
-    result = evaluate(run, qrels, args.metrics, excluded)
+    result = average(scored, args.metrics)  # = evaluate(), without scoring every query twice
     if args.json:
         print(json.dumps(result))
     else:

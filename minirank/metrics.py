@@ -121,7 +121,11 @@ def per_query(run, qrels, metrics=DEFAULT_METRICS, excluded=None):
 
 def evaluate(run, qrels, metrics=DEFAULT_METRICS, excluded=None):
     """Mean of each metric over the scored queries: {'ndcg@10': 0.43, ...} (0.0 when none)."""
-    pq = per_query(run, qrels, metrics, excluded)
+    return average(per_query(run, qrels, metrics, excluded), metrics)
+
+
+def average(pq, metrics=DEFAULT_METRICS):
+    """Mean of each metric over per_query's result (0.0 when no query was scored)."""
     keys = [canonical(m) for m in metrics]
     return {key: (sum(q[key] for q in pq.values()) / len(pq) if pq else 0.0) for key in keys}
 
