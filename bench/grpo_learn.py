@@ -87,13 +87,16 @@ def main():
                                     "else a short SFT run here)")
     ap.add_argument("--sft-steps", type=int, default=8)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--steps", type=int, default=14)
+    ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--eval-every", type=int, default=0)
     ap.add_argument("--val-questions", type=int, default=20, help="held-out questions (2 pairs each)")
     ap.add_argument("--q-chars", type=int, default=150)
     ap.add_argument("--d-chars", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--pairs", help="use DIR/{train,val}.jsonl (query, document, label) instead of building pairs")
+    ap.add_argument("--summarize", action="store_true", help="only (re)write the table from OUT/seed-N/metrics.jsonl")
+    ap.add_argument("--reuse-start-eval", action="store_true",
+                    help="skip the step-0 evaluation (another seed's run in OUT already has it)")
     ap.add_argument("grpo_args", nargs="*", help="extra train.py grpo flags after --, e.g. -- --lr 1e-4")
     args = ap.parse_args()
 
@@ -119,25 +122,37 @@ def main():
     common = [*start, "--data", str(train), "--val", str(val), "--val-limit", "0", "--format", "label",
               "--group-size", "8", "--prompts-per-step", "2", "--max-new-tokens", "10", "--rollout-batch", "16",
               "--steps", str(args.steps), "--eval-every", str(args.eval_every), "--save-every", "5",
-              "--lr", "2e-4", "--lora-r", "16", "--lora-alpha", "32", *args.grpo_args]
+              "--lr", "3e-4", "--lora-r", "16", "--lora-alpha", "32", *args.grpo_args]
+    if not args.summarize:
+        for seed in args.seeds:
+            out = Path(args.out) / f"seed-{seed}"
+            # the starting point is the same model for every seed: the first seed evaluates it, the others reuse it
+            first = seed == args.seeds[0] and not args.reuse_start_eval
+            t0 = time.time()
+            rc = grpo.main([*common, "--seed", str(seed), "--out", str(out), "--eval-start" if first else "--no-eval-start"])
+            if rc:
+                sys.exit(f"seed {seed}: train.py grpo failed (exit {rc})")
+            (out / "wall_s.txt").write_text(f"{time.time() - t0:.1f}\n")
+    summarize(args, start_desc, source, n_train, n_val, common)
+
+
+def summarize(args, start_desc, source, n_train, n_val, common):
+    """The table: greedy held-out accuracy/reward before (step 0) and after the last step, per seed and
+    mean ± std; sampled train reward/accuracy of the first vs last 5 steps."""
+    runs = {s: [json.loads(line) for line in (Path(args.out) / f"seed-{s}" / "metrics.jsonl").read_text().splitlines()]
+            for s in args.seeds}
+    start_eval = next(r for rows in runs.values() for r in rows if r["step"] == 0 and "val_accuracy" in r)
     results = {}
-    for seed in args.seeds:
-        out = Path(args.out) / f"seed-{seed}"
-        t0 = time.time()
-        first = seed == args.seeds[0]
-        rc = grpo.main([*common, "--seed", str(seed), "--out", str(out), "--eval-start" if first else "--no-eval-start"])
-        if rc:
-            sys.exit(f"seed {seed}: train.py grpo failed (exit {rc})")
-        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        evals = [r for r in rows if "val_accuracy" in r]
-        if first:
-            start_eval = evals[0]  # greedy decoding of the same starting model: identical for every seed
-        else:
-            evals = [start_eval] + evals
+    for seed, rows in runs.items():
+        evals = [r for r in rows if "val_accuracy" in r and r["step"] > 0]
+        evals = [start_eval] + evals  # greedy decoding of the same starting model: identical for every seed
         train_rows = [r for r in rows if "reward_mean" in r]
         first5, last5 = train_rows[:5], train_rows[-5:]
+        wall = Path(args.out) / f"seed-{seed}" / "wall_s.txt"
         results[seed] = dict(
-            wall_s=time.time() - t0,
+            wall_s=float(wall.read_text()) if wall.is_file() else None,
+            steps=len(train_rows), sample_s=sum(r["sample_s"] for r in train_rows),
+            train_s=sum(r["train_s"] for r in train_rows),
             curve=[(r["step"], r["val_accuracy"], r["val_reward"]) for r in evals],
             val_accuracy=(evals[0]["val_accuracy"], evals[-1]["val_accuracy"]),
             val_reward=(evals[0]["val_reward"], evals[-1]["val_reward"]),
@@ -149,16 +164,20 @@ def main():
         v = [results[s][key][i] for s in args.seeds]
         return statistics.mean(v), (statistics.stdev(v) if len(v) > 1 else 0.0)
 
-    lines = ["| metric | start (SFT) | after GRPO | per seed (start -> end) |", "|---|---|---|---|"]
+    lines = [f"{len(args.seeds)} seeds, mean ± std (sample std over seeds)", "",
+             "| metric | start (SFT) | after GRPO | per seed (start -> end) |", "|---|---|---|---|"]
     for key, what in (("val_accuracy", "held-out label accuracy (greedy)"), ("val_reward", "held-out reward (greedy)"),
                       ("train_reward", "train reward (sampled, first/last 5 steps)"),
                       ("train_accuracy", "train accuracy (sampled, first/last 5 steps)")):
         (m0, s0), (m1, s1) = spread(key, 0), spread(key, 1)
         per = ", ".join(f"{results[s][key][0]:.3f} -> {results[s][key][1]:.3f}" for s in args.seeds)
         lines.append(f"| {what} | {m0:.3f} ± {s0:.3f} | {m1:.3f} ± {s1:.3f} | {per} |")
-    lines += ["", "held-out accuracy by step (per seed): " + "; ".join(
-        f"seed {s}: " + " ".join(f"{st}:{a:.3f}" for st, a, _ in results[s]["curve"]) for s in args.seeds),
-              f"wall time per seed: " + ", ".join(f"{results[s]['wall_s'] / 60:.1f} min" for s in args.seeds)]
+    lines += ["", "per step (seed: step reward/accuracy, sampled): " + "; ".join(
+        f"seed {s}: " + " ".join(f"{r['step']}:{r['reward_mean']:.2f}/{r['accuracy']:.2f}" for r in runs[s] if "reward_mean" in r)
+        for s in args.seeds),
+        "", "time per seed (sampling + training, s): " + ", ".join(
+            f"seed {s}: {results[s]['sample_s']:.0f} + {results[s]['train_s']:.0f} over {results[s]['steps']} steps"
+            for s in args.seeds)]
     md = "\n".join(lines)
     Path(args.out, "summary.md").write_text(md + "\n")
     Path(args.out, "summary.json").write_text(json.dumps(dict(start=start_desc, data=source, n_train=n_train,

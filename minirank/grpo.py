@@ -32,13 +32,12 @@ adapter, that adapter is merged into the base weights first and a fresh adapter 
 """
 
 import importlib
+import inspect
 import json
-import math
-import random
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -67,7 +66,8 @@ class GRPOConfig:
                                        "inputs; 'demo' = the bundled demo): nDCG@10 of reranking at each eval")
     eval_rerank_top_k: int = _f(10, "documents reranked per query in --eval-rerank")
     out: str = _f("", "output dir: checkpoints/, metrics.jsonl, curves.png, final/, adapter/")
-    format: str = _f("explain", "completion format: 'explain' (explanation + label line) or 'label' (label line only)", P.FORMATS)
+    format: str = _f("explain", "completion format: 'explain' (explanation + label line) or 'label' (label line "
+                                "only)", P.FORMATS)
     # rollouts
     group_size: int = _f(8, "G: completions sampled per prompt (8-16 in 2025 practice)")
     prompts_per_step: int = _f(8, "prompts (groups) per optimizer step, per rank")
@@ -92,7 +92,8 @@ class GRPOConfig:
     scale_rewards: str = _f("group", "advantage scaling: 'group' std (GRPO paper, TRL), 'batch' std, "
                                      "or 'none' (Dr. GRPO)", ("group", "batch", "none"))
     loss_agg: str = _f("token", "loss aggregation: 'token' (DAPO: all tokens of the batch), 'sequence' (GRPO "
-                                "paper: per-completion mean), 'constant' (Dr. GRPO: / (rows * max_new_tokens))", ("token", "sequence", "constant"))
+                                "paper: per-completion mean), 'constant' (Dr. GRPO: / (rows * max_new_tokens))",
+                      ("token", "sequence", "constant"))
     clip_low: float = _f(0.2, "epsilon_low: ratio clipped below at 1 - clip_low")
     clip_high: float = _f(0.28, "epsilon_high: ratio clipped above at 1 + clip_high (DAPO clip-higher)")
     beta: float = _f(0.0, "KL coefficient to the reference policy (k3 estimator); 0 = no KL, no reference pass")
@@ -443,6 +444,9 @@ def grpo_update(model, groups: list[Group], opt, params, cfg, ref_off=None, redu
     reduce / all_reduce_grads: DDP hooks (sum over ranks); None on one process."""
     dev = model.device
     G = cfg.group_size
+    if ref_off is None and cfg.beta > 0:
+        from .lora import lora_disabled
+        ref_off = lambda: lora_disabled(model)  # noqa: E731  the reference: same weights, adapter off
     rewards = torch.stack([g.rewards for g in groups])  # [P, G]
     if cfg.scale_rewards == "batch" and reduce is not None:
         # the batch std over every rank's rewards, from all-reduced sums
@@ -589,8 +593,9 @@ def evaluate_rerank(model, tok, rr: dict, cfg, out_jsonl: Path) -> dict:
     model.eval()
     if out_jsonl.exists():
         out_jsonl.unlink()  # a fresh judgement of every query: the policy changed since last time
+    kw = {"fmt": cfg.format} if "fmt" in inspect.signature(rerank_run).parameters else {}  # the trained format
     run = rerank_run(model, tok, rr["queries"], rr["docs"], rr["run"], out_jsonl, top_k=cfg.eval_rerank_top_k,
-                     max_new_tokens=cfg.max_new_tokens, batch_size=cfg.rollout_batch)
+                     max_new_tokens=cfg.max_new_tokens, batch_size=cfg.rollout_batch, **kw)
     model.train(was)
     return dict(val_ndcg10=evaluate(run, rr["qrels"], ["ndcg@10"])["ndcg@10"],
                 first_stage_ndcg10=evaluate(rr["run"], rr["qrels"], ["ndcg@10"])["ndcg@10"])
@@ -600,7 +605,8 @@ def evaluate_rerank(model, tok, rr: dict, cfg, out_jsonl: Path) -> dict:
 # the run: setup, then the step loop
 
 
-NOT_SETTINGS = ("resume", "eval_every", "eval_start", "save_every", "keep_checkpoints", "val_limit", "progress", "plot", "steps",
+NOT_SETTINGS = ("resume", "eval_every", "eval_start", "save_every", "keep_checkpoints", "val_limit", "progress", "plot",
+                "steps",
                 "eval_rerank", "eval_rerank_top_k")
 
 

@@ -3,7 +3,6 @@ Qwen2-style model), the LoRA reference without a second model, rewards, and the 
 
 import json
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -233,26 +232,212 @@ RECS = [{"query": "How long do roasted coffee beans stay fresh?",
          "document": "The Tour de France is a cycling race held every July.", "label": 0}]
 
 
-def test_smollm2_sampler_equals_trainer_and_mu1_ratios_are_one(smol):
-    model, tok = smol
-    cfg = cfg_(format="label", group_size=4, max_new_tokens=10, prompts_per_step=2, rollout_batch=8)
-    from minirank.grpo import rollout
-    groups = rollout(model, tok, RECS, cfg, resolve_rewards("exact,format"), seed=5)
-    for g in groups:
-        lp, valid = group_logprobs(model, g.prompt, g.completions)
-        for i, c in enumerate(g.completions):
-            assert (lp[i, :len(c)] - torch.tensor(g.sampler_logprobs[i])).abs().max() <= 1e-4
-    # force signal into every group so the update touches every row
-    for g in groups:
-        g.rewards = torch.tensor([1.0, 0.0, 0.5, 0.0])
+def mu1_update(model, groups, cfg):
+    """One update with lr 0 (measure, do not move): its stats, and that the weights did not change."""
+    for g in groups:  # signal in every group, so the update touches every row
+        g.rewards = torch.arange(len(g.completions), dtype=torch.float32) % 3
     params = [p for p in model.parameters()]
     snapshot = [p.detach().clone() for p in params]
-    opt = torch.optim.SGD(params, lr=0.0)  # lr 0: measure, do not move the model
-    for recompute in (False, True):
-        cfg.recompute_old_logprobs = recompute
-        st = grpo_update(model, groups, opt, params, cfg)
-        assert st["clip_low"] == 0 and st["clip_high"] == 0
-        assert st["logprob_gap"] <= 1e-4
-        assert abs(st["ratio_mean"] - 1) <= (0 if recompute else 1e-4)  # trainer vs itself: exactly 1
-        assert st["grad_norm"] > 0  # loss ~0, gradient not
+    st = grpo_update(model, groups, torch.optim.SGD(params, lr=0.0), params, cfg)
     assert all(torch.equal(a, b) for a, b in zip(snapshot, params))
+    assert st["grad_norm"] > 0  # the loss is ~0 at mu = 1, its gradient is not
+    return st
+
+
+def test_smollm2_sampler_equals_trainer_and_mu1_ratios_are_one(smol):
+    from minirank.grpo import rollout
+    model, tok = smol
+    cfg = cfg_(format="label", group_size=4, max_new_tokens=8, rollout_batch=4)
+    groups = rollout(model, tok, RECS[:1], cfg, resolve_rewards("exact,format"), seed=5)
+    g = groups[0]
+    with torch.no_grad():
+        lp, valid = group_logprobs(model, g.prompt, g.completions)
+    for i, c in enumerate(g.completions):
+        assert (lp[i, :len(c)] - torch.tensor(g.sampler_logprobs[i])).abs().max() <= 1e-4
+    st = mu1_update(model, groups, cfg)  # pi_old = the sampler's out.logprobs
+    assert st["clip_low"] == 0 and st["clip_high"] == 0
+    assert st["logprob_gap"] <= 1e-4 and abs(st["ratio_mean"] - 1) <= 1e-4
+
+
+def test_mu1_recomputed_old_logprobs_ratio_exactly_one():
+    model = tiny_qwen()
+    out = generate(model, [[3, 9, 14, 2], [5, 1, 8]], n=4, temperature=1.0, max_new_tokens=6, stop_ids=[11], seed=1)
+    groups = [Group({"label": 0}, p, out.tokens[i * 4:(i + 1) * 4], out.logprobs[i * 4:(i + 1) * 4], [""] * 4,
+                    out.finish_reasons[i * 4:(i + 1) * 4]) for i, p in enumerate([[3, 9, 14, 2], [5, 1, 8]])]
+    cfg = cfg_(group_size=4, max_new_tokens=6, overlong="keep", recompute_old_logprobs=True)
+    st = mu1_update(model, groups, cfg)
+    assert st["ratio_mean"] == 1.0 and st["clip_low"] == 0 and st["clip_high"] == 0  # trainer vs itself: exact
+    assert st["logprob_gap"] <= 1e-4  # sampler vs trainer, measured by the recomputation
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA: the reference policy without a second model
+
+
+def test_adapter_off_is_the_base_model_bit_for_bit():
+    import copy
+    from minirank import lora
+    model = tiny_qwen()
+    base = copy.deepcopy(model)
+    lora.add_lora(model, lora.LoRAConfig(4, 8.0, 0.0, ("q_proj", "v_proj", "gate_proj", "down_proj")), seed=0)
+    with torch.no_grad():
+        for m in lora.lora_modules(model).values():
+            m.lora_B.normal_(std=0.5)  # a trained-looking adapter that changes the policy
+    prompt, comps = [3, 9, 14, 2, 40, 7], [[5, 6, 7], [8], [1, 2, 3, 4, 9]]
+    want, _ = group_logprobs(base, prompt, comps)
+    with lora.lora_disabled(model):
+        off, _ = group_logprobs(model, prompt, comps)
+    on, _ = group_logprobs(model, prompt, comps)
+    assert torch.equal(off, want)  # bit-identical
+    assert (on - want).abs().max() > 1e-3  # and the adapter does change the policy
+
+
+def tiny_dir(out, smol_dir, hidden=64, layers=2):
+    """A tiny random Llama with SmolLM2's tokenizer (fast, same code paths as the real model)."""
+    import shutil
+    from minirank.weights import save_model
+    hf = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=49152, hidden_size=hidden,
+              intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+              tie_word_embeddings=True, rope_theta=10000.0, bos_token_id=1, eos_token_id=2)
+    g = torch.Generator().manual_seed(0)
+    model = Transformer(ModelConfig.from_hf(hf))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05 if p.ndim > 1 else torch.ones(p.shape))
+    save_model(model, out)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        shutil.copy(smol_dir / f, out / f)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, smol_dir):
+    return tiny_dir(tmp_path_factory.mktemp("tiny"), smol_dir)
+
+
+def test_from_sft_adapter_the_reference_is_that_adapter(tiny, tmp_path):
+    import minirank
+    from minirank import grpo, lora
+    # an "SFT adapter": random B, saved in peft's layout
+    sft_model, tok = minirank.load(tiny)
+    lora.add_lora(sft_model, lora.PRESETS["interank"], seed=1)
+    with torch.no_grad():
+        for m in lora.lora_modules(sft_model).values():
+            m.lora_B.normal_(std=0.3)
+    lora.save_adapter(sft_model, tmp_path / "sft" / "adapter", str(tiny))
+    base, _ = minirank.load(tiny)
+    prompt = P.prompt_ids(tok, "espresso grind?", "fine, like table salt", "label")
+    comps = [[100, 200, 300], [7, 8], [4000]]
+    sft_lp, _ = group_logprobs(sft_model, prompt, comps)
+    base_lp, _ = group_logprobs(base, prompt, comps)
+    assert (sft_lp - base_lp).abs().max() > 1e-2  # the SFT adapter matters
+
+    cfg = cfg_(model=str(tiny), adapter=str(tmp_path / "sft" / "adapter"), lora_r=4, beta=0.1, format="label",
+               group_size=3)
+    model, _, params, _ = grpo.build_model(cfg, torch.device("cpu"))
+    assert len(lora.lora_modules(model)) == 2 * 7  # only the fresh adapter (all linear layers of 2 blocks)
+    with torch.no_grad():
+        for m in lora.lora_modules(model).values():
+            m.lora_B.normal_(std=0.3)  # as if GRPO had trained it
+    with lora.lora_disabled(model):
+        ref, _ = group_logprobs(model, prompt, comps)
+    pol, _ = group_logprobs(model, prompt, comps)
+    assert (ref - sft_lp).abs().max() <= 1e-5  # adapter off = the SFT policy (merged weights: fp32 rounding only)
+    assert (pol - sft_lp).abs().max() > 1e-2
+    # and the update's KL is measured against it: > 0 now, exactly 0 with the fresh adapter still at B = 0
+    g = Group({"label": 2}, prompt, comps, [[0.0] * len(c) for c in comps], ["", "", ""], ["stop"] * 3,
+              rewards=torch.tensor([1.0, 0.0, 0.5]))
+    opt = torch.optim.SGD(params, lr=0.0)
+    assert grpo_update(model, [g], opt, params, cfg)["kl"] > 1e-4
+    with torch.no_grad():
+        for m in lora.lora_modules(model).values():
+            m.lora_B.zero_()
+    assert grpo_update(model, [g], opt, params, cfg)["kl"] == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# train.py grpo: bad input, and a SIGKILL mid-run resumes to the same curve
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def write_jsonl(path, recs):
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path
+
+
+def test_bad_input_is_one_line_exit_2(tiny, tmp_path, capsys):
+    from minirank import grpo
+    good = write_jsonl(tmp_path / "ok.jsonl", RECS)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(RECS[0]) + "\n" + json.dumps({**RECS[1], "label": 3}) + "\n")
+    for args, msg in ((["--data", tmp_path / "nope.jsonl"], "nope.jsonl: no such file"),
+                      (["--data", bad], "bad.jsonl:2: field 'label' must be one of [0, 1, 2], got 3"),
+                      (["--data", good, "--reward", "exact,nonsense"], "--reward 'nonsense'"),
+                      (["--data", good, "--is-correction"], "needs --recompute-old-logprobs"),
+                      (["--data", good, "--loss-agg", "mean"], "invalid choice: 'mean'"),
+                      (["--data", good, "--group-size", "1"], "--group-size must be >= 2")):
+        assert grpo.main(["--model", tiny, "--out", tmp_path / "o", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("train.py grpo: ") and msg in err and "\n" not in err, err
+
+
+def parity_reward_module(tmp_path):
+    (tmp_path / "my_rewards.py").write_text(
+        "def even(sample, cfg):\n    return sum(t % 2 == 0 for t in sample.tokens) / max(len(sample.tokens), 1)\n")
+    return "my_rewards.even"
+
+
+def test_sigkill_then_resume_gives_the_same_run(tiny, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from safetensors.torch import load_file
+    data = write_jsonl(tmp_path / "d.jsonl", RECS * 3)
+    args = ["--model", tiny, "--data", data, "--format", "label", "--group-size", "4", "--prompts-per-step", "2",
+            "--max-new-tokens", "6", "--steps", "6", "--save-every", "2", "--lr", "1e-2", "--lora-r", "4",
+            "--reward", f"{parity_reward_module(tmp_path)},format", "--overlong", "keep", "--no-plot", "--seed", "3"]
+    cmd = lambda out: [sys.executable, str(ROOT / "train.py"), "grpo", *map(str, args), "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}", "OMP_NUM_THREADS": "1"}
+    ref = subprocess.run(cmd(tmp_path / "ref"), env=env, capture_output=True, text=True)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    proc = subprocess.Popen(cmd(tmp_path / "cut"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "cut" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.is_file() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "cut" / "final").exists()
+    again = subprocess.run(cmd(tmp_path / "cut"), env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resumed from" in again.stdout
+
+    def curve(run):
+        rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["reward_mean"], r["grad_norm"], r["loss"]) for r in rows if "reward_mean" in r]
+    assert curve("cut") == curve("ref") and len(curve("ref")) == 6
+    assert any(c[2] > 0 for c in curve("ref"))  # it really trained
+    a = load_file(str(tmp_path / "ref" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "ref" / "final" / "model.safetensors").is_file()
+
+
+def test_eval_rerank_scores_the_demo_set_with_the_trained_format(tiny, tmp_path):
+    """--eval-rerank: rerank.py's inputs, reranked with the current policy, scored by minirank.metrics."""
+    import minirank
+    from minirank import grpo, metrics
+    model, tok = minirank.load(tiny)
+    rr = grpo.load_rerank_set("demo")
+    assert set(rr) == {"queries", "docs", "run", "qrels"} and rr["qrels"]
+    cfg = cfg_(format="label", max_new_tokens=3, eval_rerank_top_k=2, rollout_batch=4)
+    m = grpo.evaluate_rerank(model, tok, rr, cfg, tmp_path / "j.jsonl")
+    assert m["first_stage_ndcg10"] == metrics.evaluate(rr["run"], rr["qrels"], ["ndcg@10"])["ndcg@10"]
+    assert 0 <= m["val_ndcg10"] <= 1
+    judged = [json.loads(line) for line in (tmp_path / "j.jsonl").read_text().splitlines()]
+    assert len(judged) == len(rr["run"]) and all(len(j["judgements"]) == 2 for j in judged)
+    with pytest.raises(ValueError, match="missing"):
+        grpo.load_rerank_set(str(tmp_path))
