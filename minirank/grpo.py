@@ -508,6 +508,9 @@ def grpo_update(model, groups: list[Group], opt, params, cfg, ref_off=None, redu
                 acc[k] = acc.get(k, 0.0) + (float(v) * float(st["n_tokens"]) if k != "n_tokens" else float(v))
             acc["loss"] = acc.get("loss", 0.0) + float(loss.detach())
         if all_reduce_grads is not None:
+            for p in params:  # a rank whose groups all had zero advantage still joins every collective
+                if p.requires_grad and p.grad is None:
+                    p.grad = torch.zeros_like(p)
             all_reduce_grads()
         gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         stats["grad_norm"] = float(gn)
@@ -518,7 +521,8 @@ def grpo_update(model, groups: list[Group], opt, params, cfg, ref_off=None, redu
             stats[k] = acc[k] / n
     stats["loss"] = acc.get("loss", 0.0) / cfg.updates_per_rollout
     stats["trained_tokens"] = acc.get("n_tokens", 0.0)
-    stats["logprob_gap"] = stats.pop("gap") / max(stats.pop("gap_n"), 1)
+    gap, gap_n = stats.pop("gap"), stats.pop("gap_n")
+    stats["logprob_gap"] = gap / gap_n if gap_n else None  # None: no row was trained or recomputed
     stats["adv_abs_mean"] = float(adv.abs().mean())
     return stats
 
@@ -673,6 +677,8 @@ def sample_step(model, tok, records, cfg, reward_fns, step, pos, rank):
             break
         tries += 1
         need = cfg.prompts_per_step - len(groups)
+    if not groups:  # nothing informative even after the retries: train on the last round (zero gradient
+        groups = got  # but for KL), so every DDP rank still takes part in the step's collectives
     extra = dict(zero_std_sampled=n_zero / n_sampled, sampled_groups=n_sampled, sampling_rounds=tries + 1)
     return groups[:cfg.prompts_per_step], pos, extra
 
@@ -773,7 +779,7 @@ def run(cfg: GRPOConfig) -> int:
         if cfg.progress:
             log(f"step {step + 1}/{cfg.steps} reward {m.get('reward_mean', float('nan')):.3f} "
                 f"acc {m.get('accuracy', float('nan')):.3f} zero-std {extra['zero_std_sampled']:.2f} "
-                f"len {m.get('len_mean', 0):.1f} gap {m.get('logprob_gap', 0):.1e} |g| {m.get('grad_norm', 0):.3f} "
+                f"len {m.get('len_mean', 0):.1f} gap {m.get('logprob_gap') or 0:.1e} |g| {m.get('grad_norm', 0):.3f} "
                 f"sample {t_sample:.1f}s train {t_train:.1f}s", flush=True)
         done = step + 1 == cfg.steps
         if done or (cfg.eval_every and (step + 1) % cfg.eval_every == 0):

@@ -441,3 +441,23 @@ def test_eval_rerank_scores_the_demo_set_with_the_trained_format(tiny, tmp_path)
     assert len(judged) == len(rr["run"]) and all(len(j["judgements"]) == 2 for j in judged)
     with pytest.raises(ValueError, match="missing"):
         grpo.load_rerank_set(str(tmp_path))
+
+
+def test_filter_groups_resamples_zero_signal_groups_with_bounded_retries(tiny):
+    import minirank
+    from minirank import grpo
+    model, tok = minirank.load(tiny)
+    dead = [{"query": f"q{i}", "document": "d", "label": 0} for i in range(3)]
+    live = [{"query": f"q{i}", "document": "d", "label": 2} for i in range(3)]
+
+    def rew(s, cfg):  # constant on "dead" records (no signal), token parity on "live" ones
+        return 0.5 if s.record["label"] == 0 else sum(t % 2 for t in s.tokens) / len(s.tokens)
+    fns = {"r": rew}
+    cfg = cfg_(format="label", group_size=4, prompts_per_step=2, max_new_tokens=5, filter_groups=True,
+               filter_max_tries=4)
+    groups, pos, extra = grpo.sample_step(model, tok, dead + live, cfg, fns, step=0, pos=0, rank=0)
+    assert len(groups) == 2 and all(g.informative for g in groups) and all(g.record["label"] == 2 for g in groups)
+    assert extra["sampled_groups"] == pos > 2 and extra["zero_std_sampled"] > 0
+    cfg.filter_max_tries = 0  # no retries: the informative part of one round (or the round itself if none)
+    groups, pos, extra = grpo.sample_step(model, tok, dead * 2, cfg, fns, step=0, pos=0, rank=0)
+    assert extra["sampling_rounds"] == 1 and pos == 2 and len(groups) == 2 and not any(g.informative for g in groups)
