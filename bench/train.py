@@ -95,9 +95,10 @@ def worker(a) -> dict:
     exs = examples(cfg["vocab_size"], a.batch, a.prompt, a.completion)
     n_tokens = sum(len(p) + len(c) - 1 for p, c in exs)
     if a.worker == "minirank":
-        import minirank
         from minirank import lora, sft
-        model, _ = minirank.load(path, dtype=dtype if (a.lora or cuda) else torch.float32, device=dev)
+        from minirank.weights import load_model
+        # weights only (the synthetic configs have no tokenizer; ids are random anyway)
+        model = load_model(path, dtype=dtype if (a.lora or cuda) else torch.float32, device=dev)
         if a.lora:
             params = lora.add_lora(model, lora.PRESETS["interank"], seed=0)
         else:
