@@ -52,23 +52,26 @@ def parse_config(cls, argv, prog: str, description: str = ""):
     bools as --x/--no-x, choices from metadata["choices"]; --config FILE.json supplies values first and
     flags given on the command line override them. Fields without a default are required."""
     hints = typing.get_type_hints(cls)
-    p = _Parser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(prog=prog, description=description)
     p.add_argument("--config", metavar="FILE.json", help="read option values from a JSON object (flags override it)")
     fields = [f for f in dataclasses.fields(cls) if f.init]
     for f in fields:
         tp, optional = _field_type(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
-        kw = dict(dest=f.name, help=f.metadata.get("help", ""))
         has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        text = f.metadata.get("help", "")
+        text = (text + " " if text else "") + ("(default: %(default)s)" if has_default else "(required)")
+        kw = dict(dest=f.name, help=text)
         if tp is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, **kw)
             continue
         if "choices" in f.metadata:
-            kw["choices"] = f.metadata["choices"]
-        p.add_argument(flag, type=tp, default=default if has_default else None,
-                       metavar=f.metadata.get("metavar", tp.__name__.upper()), **kw)
+            kw["choices"] = f.metadata["choices"]  # shown as {a,b}
+        else:
+            kw["metavar"] = f.metadata.get("metavar", tp.__name__.upper())
+        p.add_argument(flag, type=tp, default=default if has_default else None, **kw)
     args = p.parse_args(argv)
     values = {}
     if args.config:
