@@ -60,7 +60,7 @@ class ModelConfig:
                 num_attention_heads=n_heads,
                 num_key_value_heads=hf.get("num_key_value_heads") or n_heads,
                 head_dim=hf.get("head_dim") or hidden // n_heads,
-                rms_norm_eps=hf.get("rms_norm_eps", 1e-6 if arch == "qwen2" else 1e-5),
+                rms_norm_eps=hf.get("rms_norm_eps", 1e-6),  # transformers: LlamaConfig and Qwen2Config both default to 1e-6
                 rope_theta=hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
                 rope_scaling=_rope_scaling(hf),
                 max_position_embeddings=hf.get("max_position_embeddings", 8192),
