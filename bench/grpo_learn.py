@@ -95,9 +95,8 @@ def main():
     ap.add_argument("--d-chars", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--pairs", help="use DIR/{train,val}.jsonl (query, document, label) instead of building pairs")
-    ap.add_argument("--summarize", action="store_true", help="only (re)write the table from OUT/seed-N/metrics.jsonl")
-    ap.add_argument("--reuse-start-eval", action="store_true",
-                    help="skip the step-0 evaluation (another seed's run in OUT already has it)")
+    ap.add_argument("--summarize", action="store_true", help="only (re)write the table from OUT/seed-N/metrics.jsonl "
+                                                             "(and OUT/start_eval.json, computed once)")
     ap.add_argument("grpo_args", nargs="*", help="extra train.py grpo flags after --, e.g. -- --lr 1e-4")
     args = ap.parse_args()
 
@@ -127,14 +126,29 @@ def main():
     if not args.summarize:
         for seed in args.seeds:
             out = Path(args.out) / f"seed-{seed}"
-            # the starting point is the same model for every seed: the first seed evaluates it, the others reuse it
-            first = seed == args.seeds[0] and not args.reuse_start_eval
+            # the starting point is the same model for every seed: evaluated once, by evaluate_start
             t0 = time.time()
-            rc = grpo.main([*common, "--seed", str(seed), "--out", str(out), "--eval-start" if first else "--no-eval-start"])
+            rc = grpo.main([*common, "--seed", str(seed), "--out", str(out), "--no-eval-start"])
             if rc:
                 sys.exit(f"seed {seed}: train.py grpo failed (exit {rc})")
             (out / "wall_s.txt").write_text(f"{time.time() - t0:.1f}\n")
     summarize(args, start_desc, source, n_train, n_val, common)
+
+
+def evaluate_start(args, common) -> dict:
+    """The starting point (SFT policy) on the held-out set, once (cached in OUT/start_eval.json): the same
+    model build and evaluation code as train.py grpo, the fresh adapter at B = 0 (= the SFT policy)."""
+    f = Path(args.out) / "start_eval.json"
+    if f.is_file():
+        return json.loads(f.read_text())
+    import torch
+    from minirank import grpo, training
+    cfg = training.parse_config(grpo.GRPOConfig, [*common, "--out", str(Path(args.out) / "unused")], "grpo")
+    model, tok, _, _ = grpo.build_model(cfg, torch.device("cpu"))
+    m = grpo.evaluate_labels(model, tok, grpo.read_records(cfg.val), cfg, grpo.resolve_rewards(cfg.reward))
+    m["step"] = 0
+    f.write_text(json.dumps(m) + "\n")
+    return m
 
 
 def summarize(args, start_desc, source, n_train, n_val, common):
@@ -142,19 +156,22 @@ def summarize(args, start_desc, source, n_train, n_val, common):
     mean ± std; sampled train reward/accuracy of the first vs last 5 steps."""
     runs = {s: [json.loads(line) for line in (Path(args.out) / f"seed-{s}" / "metrics.jsonl").read_text().splitlines()]
             for s in args.seeds}
-    start_eval = next(r for rows in runs.values() for r in rows if r["step"] == 0 and "val_accuracy" in r)
+    start_eval = evaluate_start(args, common)
     results = {}
     for seed, rows in runs.items():
         evals = [r for r in rows if "val_accuracy" in r and r["step"] > 0]
         evals = [start_eval] + evals  # greedy decoding of the same starting model: identical for every seed
         train_rows = [r for r in rows if "reward_mean" in r]
-        first5, last5 = train_rows[:5], train_rows[-5:]
+        k = max(1, min(5, len(train_rows) // 2))
+        first5, last5 = train_rows[:k], train_rows[-k:]
         wall = Path(args.out) / f"seed-{seed}" / "wall_s.txt"
         results[seed] = dict(
             wall_s=float(wall.read_text()) if wall.is_file() else None,
             steps=len(train_rows), sample_s=sum(r["sample_s"] for r in train_rows),
             train_s=sum(r["train_s"] for r in train_rows),
             curve=[(r["step"], r["val_accuracy"], r["val_reward"]) for r in evals],
+            val_p_label=(evals[0].get("val_p_label", float("nan")), evals[-1].get("val_p_label", float("nan"))),
+            val_auc=(evals[0].get("val_auc", float("nan")), evals[-1].get("val_auc", float("nan"))),
             val_accuracy=(evals[0]["val_accuracy"], evals[-1]["val_accuracy"]),
             val_reward=(evals[0]["val_reward"], evals[-1]["val_reward"]),
             train_reward=(statistics.mean(r["reward_mean"] for r in first5), statistics.mean(r["reward_mean"] for r in last5)),
@@ -168,12 +185,16 @@ def summarize(args, start_desc, source, n_train, n_val, common):
     lines = [f"{len(args.seeds)} seeds, mean ± std (sample std over seeds)", "",
              "| metric | start (SFT) | after GRPO | per seed (start -> end) |", "|---|---|---|---|"]
     for key, what in (("val_accuracy", "held-out label accuracy (greedy)"), ("val_reward", "held-out reward (greedy)"),
+                      ("val_p_label", "held-out P(reference label) at the label position"),
+                      ("val_auc", "held-out AUC of the expected label (relevant vs irrelevant)"),
                       ("train_reward", "train reward (sampled, first/last 5 steps)"),
                       ("train_accuracy", "train accuracy (sampled, first/last 5 steps)")):
         (m0, s0), (m1, s1) = spread(key, 0), spread(key, 1)
         per = ", ".join(f"{results[s][key][0]:.3f} -> {results[s][key][1]:.3f}" for s in args.seeds)
         lines.append(f"| {what} | {m0:.3f} ± {s0:.3f} | {m1:.3f} ± {s1:.3f} | {per} |")
-    lines += ["", "per step (seed: step reward/accuracy, sampled): " + "; ".join(
+    lines += ["", "held-out evaluations (seed: step accuracy/reward): " + "; ".join(
+        f"seed {s}: " + " ".join(f"{st}:{a:.3f}/{r:.3f}" for st, a, r in results[s]["curve"]) for s in args.seeds),
+        "", "per step (seed: step reward/accuracy, sampled): " + "; ".join(
         f"seed {s}: " + " ".join(f"{r['step']}:{r['reward_mean']:.2f}/{r['accuracy']:.2f}" for r in runs[s] if "reward_mean" in r)
         for s in args.seeds),
         "", "time per seed (sampling + training, s): " + ", ".join(

@@ -34,6 +34,7 @@ adapter, that adapter is merged into the base weights first and a fresh adapter 
 import importlib
 import inspect
 import json
+import math
 import sys
 import time
 from contextlib import nullcontext
@@ -550,20 +551,39 @@ def rollout_stats(groups: list[Group], cfg) -> dict:
 
 @torch.no_grad()
 def evaluate_labels(model, tok, records: list[dict], cfg, reward_fns: dict) -> dict:
-    """Greedy completions on held-out records: label accuracy, parse rate, mean reward."""
+    """Greedy completions on held-out records: label accuracy, parse rate, mean reward; and, from the
+    label-token distribution at the label position (what the reranker scores with), the mean probability
+    of the reference label and the pairwise accuracy of the expected label (relevant above irrelevant)."""
+    from .rerank import expected_label, label_token_ids
     was = model.training
     model.eval()
     prompts = [P.prompt_ids(tok, r["query"], r["document"], cfg.format) for r in records]
+    label_ids = label_token_ids(tok)
     out = generate(model, prompts, temperature=0.0, max_new_tokens=cfg.max_new_tokens, stop_strings=[P.STOP],
-                   tokenizer=tok, batch_size=cfg.rollout_batch)
+                   tokenizer=tok, batch_size=cfg.rollout_batch, watch_ids=label_ids)
     model.train(was)
     labels = [P.parse_label(t) for t in out.texts]
     rewards = [sum(float(fn(Sample(t, c, f, r), cfg)) for fn in reward_fns.values())
                for t, c, f, r in zip(out.texts, out.tokens, out.finish_reasons, records)]
     n = len(records)
-    return dict(val_accuracy=sum(a == r["label"] for a, r in zip(labels, records)) / n,
-                val_parse_rate=sum(a is not None for a in labels) / n, val_reward=sum(rewards) / n,
-                val_len_mean=sum(len(t) for t in out.tokens) / n)
+    m = dict(val_accuracy=sum(a == r["label"] for a, r in zip(labels, records)) / n,
+             val_parse_rate=sum(a is not None for a in labels) / n, val_reward=sum(rewards) / n,
+             val_len_mean=sum(len(t) for t in out.tokens) / n)
+    # the label distribution where the greedy completion writes its label (None: it wrote none)
+    p_ref, score = [], []
+    for toks, w, r in zip(out.tokens, out.watched, records):
+        e = expected_label(toks, w, tok, label_ids)
+        score.append(e)
+        t = next((i for i in range(len(toks) - 1, -1, -1) if toks[i] in label_ids
+                  and tok.decode(toks[:i]).rstrip().endswith(P.LABEL_PREFIX)), None)
+        p = [math.exp(x) for x in w[t]] if t is not None else None
+        p_ref.append(p[P.LABELS.index(r["label"])] / sum(p) if p else 0.0)
+    m["val_p_label"] = sum(p_ref) / n
+    pos = [s for s, r in zip(score, records) if r["label"] == max(P.LABELS) and s is not None]
+    neg = [s for s, r in zip(score, records) if r["label"] == min(P.LABELS) and s is not None]
+    if pos and neg:  # AUC of the expected label: P(relevant scored above irrelevant), ties count half
+        m["val_auc"] = sum((a > b) + 0.5 * (a == b) for a in pos for b in neg) / (len(pos) * len(neg))
+    return m
 
 
 def load_rerank_set(path: str) -> dict:
