@@ -197,3 +197,17 @@ def test_activation_checkpointing_gives_the_same_gradients():
     model.gradient_checkpointing = True
     ckpt = grads()
     assert all(torch.allclose(plain[k], ckpt[k], atol=1e-6) for k in plain)
+
+
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen2ForCausalLM"])
+def test_config_defaults_equal_transformers(arch):
+    # a config.json may leave fields out: each must then mean what it means to transformers
+    import transformers
+
+    hf = dict(architectures=[arch], vocab_size=64, hidden_size=32, intermediate_size=64,
+              num_hidden_layers=2, num_attention_heads=4)
+    ref = getattr(transformers, arch.replace("ForCausalLM", "Config"))(**hf)
+    cfg = ModelConfig.from_hf(hf)
+    rope_theta = getattr(ref, "rope_theta", None) or ref.rope_parameters["rope_theta"]
+    assert (cfg.rms_norm_eps, cfg.rope_theta, cfg.tie_word_embeddings) == (
+        ref.rms_norm_eps, rope_theta, ref.tie_word_embeddings)
