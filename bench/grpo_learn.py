@@ -88,8 +88,8 @@ def main():
                                     "(default: a short label-format SFT run here, on the train split)")
     ap.add_argument("--sft-steps", type=int, default=8)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--eval-every", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--val-questions", type=int, default=20, help="held-out questions (2 pairs each)")
     ap.add_argument("--q-chars", type=int, default=150)
     ap.add_argument("--d-chars", type=int, default=200)
@@ -120,9 +120,9 @@ def main():
     print(f"data: {n_train} train / {n_val} val pairs from {source}; start: {start_desc}", flush=True)
 
     common = [*start, "--data", str(train), "--val", str(val), "--val-limit", "0", "--format", "label",
-              "--group-size", "8", "--prompts-per-step", "2", "--max-new-tokens", "10", "--rollout-batch", "16",
-              "--steps", str(args.steps), "--eval-every", str(args.eval_every), "--save-every", "5",
-              "--lr", "3e-4", "--lora-r", "16", "--lora-alpha", "32", *args.grpo_args]
+              "--group-size", "8", "--prompts-per-step", "4", "--max-new-tokens", "10", "--rollout-batch", "16",
+              "--steps", str(args.steps), "--eval-every", str(args.eval_every), "--save-every", "10",
+              "--lr", "1e-4", "--lora-r", "16", "--lora-alpha", "32", *args.grpo_args]
     if not args.summarize:
         for seed in args.seeds:
             out = Path(args.out) / f"seed-{seed}"
