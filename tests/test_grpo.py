@@ -4,6 +4,7 @@ Qwen2-style model), the LoRA reference without a second model, rewards, and the 
 import json
 import math
 
+import conftest
 import pytest
 import torch
 
@@ -293,21 +294,7 @@ def test_adapter_off_is_the_base_model_bit_for_bit():
 
 
 def tiny_dir(out, smol_dir, hidden=64, layers=2):
-    """A tiny random Llama with SmolLM2's tokenizer (fast, same code paths as the real model)."""
-    import shutil
-    from minirank.weights import save_model
-    hf = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=49152, hidden_size=hidden,
-              intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-              tie_word_embeddings=True, rope_theta=10000.0, bos_token_id=1, eos_token_id=2)
-    g = torch.Generator().manual_seed(0)
-    model = Transformer(ModelConfig.from_hf(hf))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05 if p.ndim > 1 else torch.ones(p.shape))
-    save_model(model, out)
-    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
-        shutil.copy(smol_dir / f, out / f)
-    return out
+    return conftest.tiny_dir(out, smol_dir, hidden, layers, std=0.05)
 
 
 @pytest.fixture(scope="module")

@@ -16,14 +16,13 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import conftest
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import minirank
 from minirank import lora, prompts, sft
-from minirank.model import ModelConfig, Transformer
-from minirank.weights import save_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -33,19 +32,7 @@ WORDS = "coffee bean roast grind espresso water milk brew filter press acid bitt
 
 
 def tiny_dir(out: Path, smol_dir: Path, hidden=64, layers=2, tied=True) -> Path:
-    """A tiny random Llama with SmolLM2's tokenizer and chat template (fast, same code paths)."""
-    hf = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=49152, hidden_size=hidden,
-              intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-              tie_word_embeddings=tied, rope_theta=10000.0, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
-    g = torch.Generator().manual_seed(0)
-    model = Transformer(ModelConfig.from_hf(hf))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.02 if p.ndim > 1 else torch.ones(p.shape))
-    save_model(model, out)
-    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
-        shutil.copy(smol_dir / f, out / f)
-    return out
+    return conftest.tiny_dir(out, smol_dir, hidden, layers, tied)
 
 
 def synthetic(n, seed=0):
