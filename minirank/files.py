@@ -167,6 +167,12 @@ def _json_object(text, where, expect="a JSON object"):
     return obj
 
 
+def read_json(path, expect="a JSON object"):
+    """The JSON object in a file (settings, configs, sidecars); DataError naming the file when it is
+    missing, not JSON, or JSON of another shape (a list where an object belongs)."""
+    return _json_object(read_text(path), path, expect)
+
+
 def _json_run(text, path):
     run = _json_object(text, path, "a JSON run {qid: {docid: score}}")
     out = {}

@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .files import read_json
+
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
@@ -231,10 +233,7 @@ def read_adapter_config(adapter_dir: str | Path) -> tuple[LoRAConfig, object]:
     f = Path(adapter_dir) / CONFIG
     if not f.is_file():
         raise FileNotFoundError(f"no {CONFIG} in {adapter_dir} (expected a peft LoRA adapter directory)")
-    try:
-        c = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{f}: invalid JSON ({e})") from None
+    c = read_json(f, "a peft adapter config (a JSON object)")
     if c.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{f}: peft_type {c.get('peft_type')!r} is not supported (only LORA)")
     unsupported = {"use_dora": False, "bias": "none", "fan_in_fan_out": False, "layers_to_transform": None,

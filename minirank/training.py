@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from . import lora as lora_mod
+from .files import DataError, read_json
 
 
 class UsageError(Exception):
@@ -76,14 +77,12 @@ def parse_config(cls, argv, prog: str, description: str = ""):
     values = {}
     if args.config:
         path = Path(args.config)
+        if not path.is_file():
+            raise UsageError(f"--config {path}: no such file")
         try:
-            file_values = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise UsageError(f"--config {path}: no such file") from None
-        except json.JSONDecodeError as e:
-            raise UsageError(f"--config {path}: invalid JSON ({e})") from None
-        if not isinstance(file_values, dict):
-            raise UsageError(f"--config {path}: expected a JSON object of option values")
+            file_values = read_json(path, "a JSON object of option values")
+        except DataError as e:
+            raise UsageError(f"--config: {e}") from None
         names = {f.name for f in fields}
         for k, v in file_values.items():
             key = k.replace("-", "_")
@@ -173,9 +172,9 @@ def prepare_out_dir(out, settings: dict, resume: bool) -> Path:
     settings = json.loads(json.dumps(settings))  # normalise (tuples -> lists) so comparisons are exact
     if run.is_file():
         try:
-            old = json.loads(run.read_text())
-        except json.JSONDecodeError:
-            raise UsageError(f"{run}: corrupt run settings; use a new --out") from None
+            old = read_json(run, "the run's settings (a JSON object)")
+        except DataError as e:
+            raise UsageError(f"{e}; use a new --out") from None
         diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
         if diff:
             shown = ", ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in diff[:4])

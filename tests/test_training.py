@@ -145,3 +145,18 @@ def test_metrics_log_truncates_on_resume(tmp_path):
     assert len(log.read()) == 2
     pytest.importorskip("matplotlib")
     assert T.plot_curves(tmp_path).is_file()
+
+
+def test_json_files_of_the_wrong_shape_are_one_line_errors(tmp_path):
+    # valid JSON, wrong shape: a list where an object belongs must be named, not an AttributeError
+    from minirank import lora
+
+    (tmp_path / "run.json").write_text("[1, 2]")
+    with pytest.raises(UsageError, match=r"run\.json: expected .*got list"):
+        T.prepare_out_dir(tmp_path, {"lr": 1e-3}, resume=False)
+    (tmp_path / "adapter_config.json").write_text('"r=8"')
+    with pytest.raises(ValueError, match=r"adapter_config\.json: expected .*got str"):
+        lora.read_adapter_config(tmp_path)
+    (tmp_path / "c.json").write_text("[]")
+    with pytest.raises(UsageError, match=r"--config: .*c\.json: expected .*got list"):
+        T.parse_config(Cfg, ["--config", str(tmp_path / "c.json")], prog="t")
