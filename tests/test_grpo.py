@@ -1,5 +1,6 @@
 """GRPO: the objective against a hand computation, sampler = trainer log-probs (SmolLM2 and a padded-vocab
-Qwen2-style model), the LoRA reference without a second model, rewards, and the train.py grpo CLI."""
+Qwen2-style model), the LoRA reference without a second model, rewards, DDP (2 gloo ranks = 1 process),
+and the train.py grpo CLI."""
 
 import json
 import math
@@ -448,3 +449,72 @@ def test_filter_groups_resamples_zero_signal_groups_with_bounded_retries(tiny):
     cfg.filter_max_tries = 0  # no retries: the informative part of one round (or the round itself if none)
     groups, pos, extra = grpo.sample_step(model, tok, dead * 2, cfg, fns, step=0, pos=0, rank=0)
     assert extra["sampling_rounds"] == 1 and pos == 2 and len(groups) == 2 and not any(g.informative for g in groups)
+
+
+# ----------------------------------------------------------------------------------------------
+# DDP: each rank updates on its own whole groups; the step equals one process holding every group
+
+DDP_CASES = [dict(loss_agg=a, scale_rewards=s, mu=m) for a, s, m in
+             (("token", "group", 1), ("sequence", "batch", 1), ("constant", "none", 1), ("token", "batch", 2))]
+
+
+def _ddp_groups():
+    """6 groups from a tiny model's real rollouts; every second group has equal rewards (no signal), so in
+    the 2-rank split rank 1 holds groups 1, 3, 5 and only group 5 carries signal."""
+    model = tiny_qwen(seed=3)
+    prompts = [[3, 9, 14, 2], [5, 1, 7], [8, 8, 2, 4, 6], [2, 13], [4, 4, 4], [9, 3, 1, 12]]
+    out = generate(model, prompts, n=4, temperature=1.0, max_new_tokens=6, stop_ids=[11], seed=5, batch_size=8)
+    groups = []
+    for i, p in enumerate(prompts):
+        rows = slice(4 * i, 4 * i + 4)
+        g = Group({"label": 2}, p, out.tokens[rows], out.logprobs[rows], [""] * 4, out.finish_reasons[rows])
+        flat = i % 2 == 1 and i != 5
+        g.rewards = torch.ones(4) if flat else torch.tensor([0.0, 1.0, 0.5, 1.0]) * (1 + i)
+        groups.append(g)
+    return model, groups
+
+
+def _ddp_step(case, rank=0, world=1):
+    """One GRPO step (mu updates) on this rank's groups; the trained weights afterwards."""
+    from minirank import training
+    model, groups = _ddp_groups()
+    model.train()
+    cfg = GRPOConfig(loss_agg=case["loss_agg"], scale_rewards=case["scale_rewards"], updates_per_rollout=case["mu"],
+                     max_new_tokens=6, group_size=4)
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-2, eps=1.0)  # eps 1: the update carries the gradient's value
+    hooks = {}
+    if world > 1:
+        def reduce(x):
+            x = x.clone()
+            torch.distributed.all_reduce(x)
+            return x
+        hooks = dict(reduce=reduce, all_reduce_grads=lambda: training.all_reduce_grads(params))
+    grpo_update(model, groups[rank::world], opt, params, cfg, **hooks)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _ddp_worker(rank, world, port, out):
+    import os
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    results = [_ddp_step(case, rank, world) for case in DDP_CASES]
+    if rank == 0:
+        torch.save(results, out)
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_ranks_equal_one_process_with_every_group(tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, tmp_path / "ddp.pt"), nprocs=2)
+    ddp = torch.load(tmp_path / "ddp.pt")
+    start = {k: v.detach().clone() for k, v in _ddp_groups()[0].state_dict().items()}
+    for case, got in zip(DDP_CASES, ddp):
+        want = _ddp_step(case)
+        moved = max((want[k] - start[k]).abs().max().item() for k in want)
+        assert moved > 1e-4, case  # a real update
+        assert max((want[k] - got[k]).abs().max().item() for k in want) <= 1e-6, case
