@@ -8,8 +8,8 @@ questions are never trained on. Texts are cut to 300 characters (CPU budget).
 
 No teacher LLM runs offline, so the SFT targets' explanations come from a rule: "Words in both: <the
 document's content words that the question also uses>." (`shared_words`). It is a reason a 135M model can
-learn to write, and it predicts the label only in part (the summary reports the rule's own held-out accuracy). GRPO rewards only the
-label (and the format), never the explanation.
+learn to write, and it predicts the label only in part (the summary reports the rule's own held-out
+accuracy). GRPO rewards only the label (and the format), never the explanation.
 
     python bench/grpo_learn.py                         # SFT here (100 steps), then GRPO, seeds 0 and 1
     python bench/grpo_learn.py --start runs/sft/adapter --seeds 0 1 2 --steps 60
@@ -90,7 +90,7 @@ def build_pairs(out: Path, val_questions: int, q_chars: int, d_chars: int, seed:
                            doc_site=other[0])])
     val = [r for p in pairs[:val_questions] for r in p]
     train = [r for p in pairs[val_questions:] for r in p]
-    rng.shuffle(train)  # both pairs of a question are not drawn into the same step
+    rng.shuffle(train)  # a question's two pairs are not neighbours (not in one step)
     out.mkdir(parents=True, exist_ok=True)
     for name, recs in (("train", train), ("val", val)):
         (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
