@@ -32,9 +32,7 @@ adapter, that adapter is merged into the base weights first and a fresh adapter 
 """
 
 import importlib
-import inspect
 import json
-import math
 import sys
 import time
 from contextlib import nullcontext
@@ -554,7 +552,7 @@ def evaluate_labels(model, tok, records: list[dict], cfg, reward_fns: dict) -> d
     """Greedy completions on held-out records: label accuracy, parse rate, mean reward; and, from the
     label-token distribution at the label position (what the reranker scores with), the mean probability
     of the reference label and the pairwise accuracy of the expected label (relevant above irrelevant)."""
-    from .rerank import expected_label, label_token_ids
+    from .rerank import label_distribution, label_token_ids
     was = model.training
     model.eval()
     prompts = [P.prompt_ids(tok, r["query"], r["document"], cfg.format) for r in records]
@@ -572,12 +570,9 @@ def evaluate_labels(model, tok, records: list[dict], cfg, reward_fns: dict) -> d
     # the label distribution where the greedy completion writes its label (None: it wrote none)
     p_ref, score = [], []
     for toks, w, r in zip(out.tokens, out.watched, records):
-        e = expected_label(toks, w, tok, label_ids)
-        score.append(e)
-        t = next((i for i in range(len(toks) - 1, -1, -1) if toks[i] in label_ids
-                  and tok.decode(toks[:i]).rstrip().endswith(P.LABEL_PREFIX)), None)
-        p = [math.exp(x) for x in w[t]] if t is not None else None
-        p_ref.append(p[P.LABELS.index(r["label"])] / sum(p) if p else 0.0)
+        p = label_distribution(toks, w, tok, label_ids)
+        p_ref.append(p[P.LABELS.index(r["label"])] if p else 0.0)
+        score.append(sum(label * q for label, q in zip(P.LABELS, p)) if p else None)  # = expected_label
     m["val_p_label"] = sum(p_ref) / n
     pos = [s for s, r in zip(score, records) if r["label"] == max(P.LABELS) and s is not None]
     neg = [s for s, r in zip(score, records) if r["label"] == min(P.LABELS) and s is not None]
@@ -617,9 +612,8 @@ def evaluate_rerank(model, tok, rr: dict, cfg, out_jsonl: Path) -> dict:
     model.eval()
     if out_jsonl.exists():
         out_jsonl.unlink()  # a fresh judgement of every query: the policy changed since last time
-    kw = {"fmt": cfg.format} if "fmt" in inspect.signature(rerank_run).parameters else {}  # the trained format
     run = rerank_run(model, tok, rr["queries"], rr["docs"], rr["run"], out_jsonl, top_k=cfg.eval_rerank_top_k,
-                     max_new_tokens=cfg.max_new_tokens, batch_size=cfg.rollout_batch, **kw)
+                     fmt=cfg.format, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.rollout_batch)
     model.train(was)
     return dict(val_ndcg10=evaluate(run, rr["qrels"], ["ndcg@10"])["ndcg@10"],
                 first_stage_ndcg10=evaluate(rr["run"], rr["qrels"], ["ndcg@10"])["ndcg@10"])
@@ -630,8 +624,7 @@ def evaluate_rerank(model, tok, rr: dict, cfg, out_jsonl: Path) -> dict:
 
 
 NOT_SETTINGS = ("resume", "eval_every", "eval_start", "save_every", "keep_checkpoints", "val_limit", "progress", "plot",
-                "steps",
-                "eval_rerank", "eval_rerank_top_k")
+                "steps", "eval_rerank", "eval_rerank_top_k")
 
 
 def build_model(cfg: GRPOConfig, device):

@@ -41,13 +41,20 @@ def label_token_ids(tok) -> list[int]:
     return ids
 
 
-def expected_label(tokens: list[int], watched: list[list[float]], tok, label_ids: list[int]) -> float | None:
-    """Expected label at the last step that wrote a label token right after the label prefix."""
+def label_distribution(tokens: list[int], watched: list[list[float]], tok, label_ids: list[int]) -> list[float] | None:
+    """P(label) for each of LABELS, renormalised over the label tokens, at the last step that wrote a
+    label token right after the label prefix (None: the completion wrote no label line)."""
     for t in range(len(tokens) - 1, -1, -1):
         if tokens[t] in label_ids and tok.decode(tokens[:t]).rstrip().endswith(LABEL_PREFIX):
             p = [math.exp(lp) for lp in watched[t]]
-            return sum(label * q for label, q in zip(LABELS, p)) / sum(p)
+            return [q / sum(p) for q in p]
     return None
+
+
+def expected_label(tokens: list[int], watched: list[list[float]], tok, label_ids: list[int]) -> float | None:
+    """Expected label under label_distribution (the reranker's score)."""
+    p = label_distribution(tokens, watched, tok, label_ids)
+    return None if p is None else sum(label * q for label, q in zip(LABELS, p))
 
 
 def judge(model, tok, query: str, docs: list[tuple[str, str]], fmt: str = "explain", max_new_tokens: int = 1024,
