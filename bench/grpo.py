@@ -32,9 +32,9 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def records(n: int, q_chars: int, d_chars: int):
     sys.path.insert(0, str(ROOT / "bench"))
-    from grpo_learn import POSTS, build_pairs
+    from grpo_learn import build_pairs
     d = Path(tempfile.mkdtemp())
-    train, _ = build_pairs(POSTS, d, 0, q_chars, d_chars)
+    train, _ = build_pairs(d, 0, q_chars, d_chars)
     return [json.loads(line) for line in open(train)][:n]
 
 

@@ -9,7 +9,8 @@ questions are never trained on. Texts are cut to 300 characters (CPU budget).
 No teacher LLM runs offline, so the SFT targets' explanations come from a rule: "Words in both: <the
 document's content words that the question also uses>." (`shared_words`). It is a reason a 135M model can
 learn to write, and it predicts the label only in part (the summary reports the rule's own held-out
-accuracy). GRPO rewards only the label (and the format), never the explanation.
+accuracy). GRPO rewards only the label (and the format), never the explanation. Its prompts come in pairs: each step
+holds 4 questions, each with its relevant and its irrelevant document (`paired_steps`, read with --no-shuffle).
 
     python bench/grpo_learn.py                         # SFT here (100 steps), then GRPO, seeds 0 and 1
     python bench/grpo_learn.py --start runs/sft/adapter --seeds 0 1 2 --steps 60
@@ -97,6 +98,20 @@ def build_pairs(out: Path, val_questions: int, q_chars: int, d_chars: int, seed:
     return out / "train.jsonl", out / "val.jsonl"
 
 
+def paired_steps(train: Path) -> Path:
+    """The GRPO prompt stream (read with --no-shuffle): a question's pairs side by side, so each step of
+    8 prompts holds 4 questions, each with its relevant and its irrelevant document. Balanced, contrastive
+    steps: what a step teaches about the label is which document, not which label is in fashion (with
+    randomly drawn prompts a step may hold 6 irrelevant and 2 relevant, and the label bias swings)."""
+    by_query = {}
+    for line in open(train):
+        r = json.loads(line)
+        by_query.setdefault(r["query"], []).append(r)
+    out = train.with_name("train_steps.jsonl")
+    out.write_text("".join(json.dumps(r) + "\n" for rs in by_query.values() for r in rs))
+    return out
+
+
 def starting_point(args, train: Path, val: Path) -> tuple[list[str], str]:
     """--model/--adapter flags for train.py grpo, and where they came from: --start, or an SFT run here."""
     if args.start:
@@ -156,10 +171,14 @@ def main():
     start, start_desc = starting_point(args, train, val)
     print(f"data: {n_train} train / {n_val} val pairs from {source}; start: {start_desc}", flush=True)
 
-    common = [*start, "--data", str(train), "--val", str(val), "--val-limit", "0", "--format", args.format,
+    common = [*start, "--data", str(paired_steps(train)), "--no-shuffle", "--val", str(val), "--val-limit", "0",
+              "--format", args.format,
               "--group-size", "8", "--prompts-per-step", "8", "--max-new-tokens", "40", "--rollout-batch", "64",
               "--steps", str(args.steps), "--eval-every", str(args.eval_every), "--save-every", "10",
-              "--lr", "2e-4", "--lora-r", "16", "--lora-alpha", "32", *args.grpo_args]
+              "--lr", "2e-4", "--lora-r", "16", "--lora-alpha", "32",
+              # ~8% of the SFT policy's explanations loop to the token limit; masked (the default) they would
+              # never be trained away, kept they earn reward 0 against their group's parseable answers
+              "--overlong", "keep", *args.grpo_args]
     if not args.summarize:
         for seed in args.seeds:
             out = Path(args.out) / f"seed-{seed}"

@@ -73,6 +73,8 @@ class GRPOConfig:
     max_new_tokens: int = _f(512, "completion budget; longer completions are truncated (see --overlong)")
     temperature: float = _f(1.0, "sampling temperature (1.0: the ratio's pi_old is the sampled distribution)")
     rollout_batch: int = _f(64, "decode slots of the sampler (continuous batching)")
+    shuffle: bool = _f(True, "read the prompts in a fresh random order each epoch; --no-shuffle reads them in "
+                             "file order (steps you composed yourself, e.g. balanced or paired)")
     filter_groups: bool = _f(False, "DAPO dynamic sampling: resample until the step has --prompts-per-step "
                                     "groups whose rewards are not all equal")
     filter_max_tries: int = _f(3, "extra sampling rounds --filter-groups may take per step")
@@ -663,13 +665,21 @@ def build_model(cfg: GRPOConfig, device):
     return model, tok, params, base_name
 
 
-def draw(records: list[dict], pos: int, k: int, seed: int) -> list[dict]:
-    """k records from position pos of an endless stream: each epoch a fresh permutation of the data."""
+def rank_shard(records: list[dict], rank: int, world: int, k: int) -> list[dict]:
+    """Each rank its own prompts (a group never splits across ranks): blocks of k (= --prompts-per-step)
+    records, rank r taking blocks r, r + world, ... -- so the steps of an unshuffled file stay as composed."""
+    return [r for i, r in enumerate(records) if i // k % world == rank]
+
+
+def draw(records: list[dict], pos: int, k: int, seed: int, shuffle: bool = True) -> list[dict]:
+    """k records from position pos of an endless stream: each epoch a fresh permutation of the data
+    (or, without shuffle, the file order again)."""
     out = []
     for p in range(pos, pos + k):
         epoch, i = divmod(p, len(records))
-        perm = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        out.append(records[int(perm[i])])
+        if shuffle:
+            i = int(torch.randperm(len(records), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))[i])
+        out.append(records[i])
     return out
 
 
@@ -679,7 +689,7 @@ def sample_step(model, tok, records, cfg, reward_fns, step, pos, rank):
     groups, tries, n_sampled, n_zero = [], 0, 0, 0
     need = cfg.prompts_per_step
     while True:
-        recs = draw(records, pos, need, cfg.seed + 7919 * rank)
+        recs = draw(records, pos, need, cfg.seed + 7919 * rank, cfg.shuffle)
         pos += need
         seed = (cfg.seed * 1_000_003 + step) * 1009 + tries * 101 + rank  # same seed -> same rollouts on resume
         got = rollout(model, tok, recs, cfg, reward_fns, seed)
@@ -717,7 +727,11 @@ def run(cfg: GRPOConfig) -> int:
         device = torch.device(cfg.device)
     log = print if rank == 0 else (lambda *a, **k: None)
     ddp = world > 1
-    train = read_records(cfg.data, UsageError)[rank::world]  # each rank its own prompts; a group never splits
+    records = read_records(cfg.data, UsageError)
+    train = rank_shard(records, rank, world, cfg.prompts_per_step)
+    if not train:
+        raise UsageError(f"{cfg.data}: {len(records)} records leave rank {rank} of {world} no block of "
+                         f"--prompts-per-step {cfg.prompts_per_step}")
     val = read_records(cfg.val, UsageError) if cfg.val else []
     if cfg.val_limit:
         val = val[:cfg.val_limit]

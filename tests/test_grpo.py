@@ -141,6 +141,17 @@ def cfg_(**kw):
     return GRPOConfig(**{"data": "x", "out": "y", **kw})
 
 
+def test_draw_is_an_endless_stream_reshuffled_each_epoch_or_in_file_order():
+    from minirank import grpo
+    recs = [{"i": i} for i in range(5)]
+    assert [r["i"] for r in grpo.draw(recs, 3, 6, seed=0, shuffle=False)] == [3, 4, 0, 1, 2, 3]
+    s = [r["i"] for r in grpo.draw(recs, 0, 10, seed=0)]
+    assert sorted(s[:5]) == sorted(s[5:]) == list(range(5))  # each epoch a permutation...
+    assert s[:5] != s[5:] and s[:5] != list(range(5))  # ...a fresh one, not the file order
+    assert [r["i"] for r in grpo.draw(recs, 7, 3, seed=0)] == s[7:10]  # position, not call history (resume)
+    assert [[r["i"] for r in grpo.rank_shard(recs, rank, 2, k=2)] for rank in (0, 1)] == [[0, 1, 4], [2, 3]]
+
+
 def test_rewards_components_and_swapping():
     cfg = cfg_(max_new_tokens=20, reward_partial=0.25)
     rec = {"query": "q", "document": "d", "label": 2}
