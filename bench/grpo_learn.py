@@ -12,8 +12,8 @@ learn to write, and it predicts the label only in part (the summary reports the 
 accuracy). GRPO rewards only the label (and the format), never the explanation. Its prompts come in pairs: each step
 holds 4 questions, each with its relevant and its irrelevant document (`paired_steps`, read with --no-shuffle).
 
-    python bench/grpo_learn.py                         # SFT here (100 steps), then GRPO, seeds 0 and 1
-    python bench/grpo_learn.py --start runs/sft/adapter --seeds 0 1 2 --steps 60
+    python bench/grpo_learn.py                         # SFT here (100 steps), then GRPO, seeds 0 1 2
+    python bench/grpo_learn.py --start runs/sft/adapter --seeds 0 1 --steps 60
 
 Writes OUT/data/{train,val}.jsonl, OUT/sft/ (the SFT run), OUT/seed-N/ (a normal `train.py grpo` run dir:
 metrics.jsonl, curves.png), OUT/summary.json and OUT/summary.md (the table for the README).
@@ -139,7 +139,7 @@ def main():
     ap.add_argument("--start", help="SFT model dir or SFT adapter dir (default: an SFT run here, on the train split)")
     ap.add_argument("--sft-steps", type=int, default=100)
     ap.add_argument("--format", default="explain", choices=("explain", "label"))
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--eval-every", type=int, default=20)
     ap.add_argument("--val-questions", type=int, default=48, help="held-out questions (2 pairs each)")
