@@ -1,6 +1,6 @@
 """One GRPO step, minirank vs TRL's GRPOTrainer: same model, prompts, G, max new tokens, LoRA, one update.
 
-    python bench/grpo.py                     # CPU: SmolLM2-135M, 4 prompts x G=8, 64 new tokens
+    python bench/grpo.py                     # CPU: SmolLM2-135M, 2 prompts x G=8, 32 new tokens
     python bench/grpo.py --cuda              # GPU: a Llama-3.2-3B-shaped model (random weights, bf16),
                                              #      8 prompts x G=8, 512 new tokens
 
@@ -179,11 +179,13 @@ def main():
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-trl", action="store_true")
-    ap.add_argument("--q-chars", type=int, help="cut questions to this many characters (default 300; GPU 600)")
-    ap.add_argument("--d-chars", type=int, help="cut documents to this many characters (default 400; GPU 3000)")
+    # CPU defaults fit TRL in 24 GB: at 4 prompts, 64 new tokens, 300/400 chars its step was OOM-killed (24.4 GB
+    # resident: full-vocabulary logits of every row) while ours took 22 s
+    ap.add_argument("--q-chars", type=int, help="cut questions to this many characters (default 150; GPU 600)")
+    ap.add_argument("--d-chars", type=int, help="cut documents to this many characters (default 200; GPU 3000)")
     args = ap.parse_args()
-    args.prompts = args.prompts or (8 if args.cuda else 4)
-    args.max_new_tokens = args.max_new_tokens or (512 if args.cuda else 64)
+    args.prompts = args.prompts or (8 if args.cuda else 2)
+    args.max_new_tokens = args.max_new_tokens or (512 if args.cuda else 32)
     torch.set_num_threads(args.threads)
     import minirank
     if args.cuda:
@@ -192,7 +194,7 @@ def main():
     else:
         device, dtype = torch.device("cpu"), torch.float32
         model_dir = minirank.resolve(args.model)
-    recs = records(args.prompts, args.q_chars or (600 if args.cuda else 300), args.d_chars or (3000 if args.cuda else 400))
+    recs = records(args.prompts, args.q_chars or (600 if args.cuda else 150), args.d_chars or (3000 if args.cuda else 200))
     print(f"{model_dir.name}: {args.prompts} prompts x G={args.G}, {args.max_new_tokens} new tokens, LoRA r={args.lora_r}, "
           f"{dtype}, {device}, {args.steps} timed steps after {args.warmup} warm-up", flush=True)
     ours = summarize("minirank", bench_minirank(model_dir, recs, args, dtype, device))
