@@ -60,8 +60,8 @@ def check_settings(out: Path, settings: dict) -> None:
         except ValueError:
             before = None
         before = before if isinstance(before, dict) else {}  # unreadable: differs in every key
-        if before != settings:
-            keys = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+        keys = files.changed_settings(before, settings)
+        if keys:
             shown = {k: (before.get(k), settings.get(k)) for k in keys}
             raise JobError(f"{out} holds a job with other settings: {', '.join(keys)} differ {shown} (was, now): "
                            f"use another --out, or delete {out} to start over")

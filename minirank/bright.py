@@ -291,7 +291,7 @@ def reusable_run(run_path, settings):
         return None, f"{side.name} is not a JSON object"
     if recorded.get("run_sha256") != files.sha256_file(run_path):
         return None, "the run file changed since it was written"
-    diff = sorted(k for k in (set(settings) | set(recorded)) - {"run_sha256"} if recorded.get(k) != settings.get(k))
+    diff = [k for k in files.changed_settings(recorded, settings) if k != "run_sha256"]
     if diff:
         return None, f"made with other settings ({', '.join(diff)})"
     return read_run(run_path), ""

@@ -25,7 +25,7 @@ from pathlib import Path
 from urllib.parse import urldefrag
 
 from . import prompts
-from .files import DataError, write_json
+from .files import DataError, changed_settings, write_json
 from .crawl import USER_AGENT, Crawler, PageCache
 from .stackexchange import BrightFilter, DumpError, iter_rows, read_questions
 from .teacher import APITeacher, LocalTeacher, StructureTeacher, TeacherFatal
@@ -142,7 +142,7 @@ def _check_settings(out: Path, settings: dict, write: bool):
             old = None
         if not isinstance(old, dict):
             raise UsageError(f"{p}: unreadable settings file (not a JSON object)")
-        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        diff = changed_settings(old, settings)
         if diff:
             d = ", ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in diff[:4])
             raise UsageError(f"{out} was written with other settings ({d}); use a new --out")

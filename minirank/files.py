@@ -281,6 +281,12 @@ def content_hash(obj):
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def changed_settings(old: dict, new: dict) -> list[str]:
+    """The keys whose values differ between a job's recorded settings and today's (missing on one side
+    counts): what every resumable job checks before it continues."""
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
 def file_stamps(paths):
     """[(absolute path, size, mtime_ns)] of files: a cheap identity of their contents (a file that
     is replaced or edited gets a new size or mtime)."""

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from . import lora as lora_mod
-from .files import DataError, read_json
+from .files import DataError, changed_settings, read_json
 
 
 class UsageError(Exception):
@@ -175,7 +175,7 @@ def prepare_out_dir(out, settings: dict, resume: bool) -> Path:
             old = read_json(run, "the run's settings (a JSON object)")
         except DataError as e:
             raise UsageError(f"{e}; use a new --out") from None
-        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        diff = changed_settings(old, settings)
         if diff:
             shown = ", ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in diff[:4])
             raise UsageError(f"--out {out} holds a run with other settings ({shown}{' ...' if len(diff) > 4 else ''}); "

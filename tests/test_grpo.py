@@ -485,10 +485,10 @@ def _ddp_groups():
     return model, groups
 
 
-def _ddp_step(case, rank=0, world=1):
+def _ddp_step(case, groups, rank=0, world=1):
     """One GRPO step (mu updates) on this rank's groups; the trained weights afterwards."""
     from minirank import training
-    model, groups = _ddp_groups()
+    model = tiny_qwen(seed=3)
     model.train()
     cfg = GRPOConfig(loss_agg=case["loss_agg"], scale_rewards=case["scale_rewards"], updates_per_rollout=case["mu"],
                      max_new_tokens=6, group_size=4)
@@ -505,12 +505,12 @@ def _ddp_step(case, rank=0, world=1):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _ddp_worker(rank, world, port, out):
+def _ddp_worker(rank, world, port, groups, out):
     import os
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    results = [_ddp_step(case, rank, world) for case in DDP_CASES]
+    results = [_ddp_step(case, groups, rank, world) for case in DDP_CASES]
     if rank == 0:
         torch.save(results, out)
     torch.distributed.destroy_process_group()
@@ -521,11 +521,14 @@ def test_ddp_two_ranks_equal_one_process_with_every_group(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, tmp_path / "ddp.pt"), nprocs=2)
+    # the rollouts are made once, here, and handed to the ranks: sampled in each process, a different thread
+    # count could round a logit differently and flip a sampled token, and the test would compare two batches
+    model, groups = _ddp_groups()
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, groups, tmp_path / "ddp.pt"), nprocs=2)
     ddp = torch.load(tmp_path / "ddp.pt")
-    start = {k: v.detach().clone() for k, v in _ddp_groups()[0].state_dict().items()}
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     for case, got in zip(DDP_CASES, ddp):
-        want = _ddp_step(case)
+        want = _ddp_step(case, groups)
         moved = max((want[k] - start[k]).abs().max().item() for k in want)
         assert moved > 1e-4, case  # a real update
         assert max((want[k] - got[k]).abs().max().item() for k in want) <= 1e-6, case
