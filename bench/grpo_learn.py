@@ -9,13 +9,14 @@ questions are never trained on. Texts are cut to 300 characters (CPU budget).
 No teacher LLM runs offline, so the SFT targets' explanations come from a rule: "Words in both: <the
 document's content words that the question also uses>." (`shared_words`). It is a reason a 135M model can
 learn to write, and it predicts the label only in part (the summary reports the rule's own held-out
-accuracy). GRPO rewards only the label (and the format), never the explanation. Its prompts come in pairs: each step
-holds 4 questions, each with its relevant and its irrelevant document (`paired_steps`, read with --no-shuffle).
+accuracy). GRPO rewards only the label (and the format), never the explanation. Its prompts come in
+pairs: each step holds 4 questions, each with its relevant and its irrelevant document (`paired_steps`,
+read with --no-shuffle).
 
     python bench/grpo_learn.py                         # SFT here (100 steps), then GRPO, seeds 0 1 2
     python bench/grpo_learn.py --start runs/sft/adapter --seeds 0 1 --steps 60
 
-Writes OUT/data/{train,val}.jsonl, OUT/sft/ (the SFT run), OUT/seed-N/ (a normal `train.py grpo` run dir:
+Writes OUT/data/{train,val,train_steps}.jsonl, OUT/sft/ (the SFT run), OUT/seed-N/ (a normal `train.py grpo` run dir:
 metrics.jsonl, curves.png), OUT/summary.json and OUT/summary.md (the table for the README).
 Note: the pairs use BRIGHT's queries, so a model trained here must not be evaluated on BRIGHT.
 """
