@@ -15,7 +15,6 @@ nDCG@10 of the first stage and of the reranked run. The run (and qrels) may be a
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -33,10 +32,6 @@ DEMO = Path(__file__).resolve().parent / "demo"
 MAX_NEW_TOKENS = {"explain": 1024, "label": 16}  # the label line alone is ~6 tokens
 
 
-class JobError(ValueError):
-    """This job's settings do not fit the output directory or each other."""
-
-
 def job_settings(args, model_dir: Path, tok, queries: dict, docs: dict, run: dict) -> dict:
     """Everything that changes a judgement. Inputs enter as content hashes of what the reranker will
     actually read (the run's queries, their top-k documents), so a file edited in place, or the same
@@ -49,23 +44,6 @@ def job_settings(args, model_dir: Path, tok, queries: dict, docs: dict, run: dic
             "documents": files.content_hash({d: docs.get(d) for ids in used.values() for d in ids}),
             "max_doc_chars": MAX_DOC_CHARS, "prompt": prompt_hash(args.format),
             "chat_template": prompt_fingerprint(tok, args.format)}
-
-
-def check_settings(out: Path, settings: dict) -> None:
-    """Resuming is only sound with the same model, inputs and settings: refuse to mix two jobs in one dir."""
-    f = out / "settings.json"
-    if f.is_file():
-        try:
-            before = json.loads(f.read_text())
-        except ValueError:
-            before = None
-        before = before if isinstance(before, dict) else {}  # unreadable: differs in every key
-        keys = files.changed_settings(before, settings)
-        if keys:
-            shown = {k: (before.get(k), settings.get(k)) for k in keys}
-            raise JobError(f"{out} holds a job with other settings: {', '.join(keys)} differ {shown} (was, now): "
-                           f"use another --out, or delete {out} to start over")
-    files.write_json(f, settings)
 
 
 def main(argv=None):
@@ -118,7 +96,8 @@ def main(argv=None):
 
     # the tokenizer alone settles the settings (chat template included) before the weights load
     model_dir = minirank.resolve(args.model)
-    check_settings(args.out, job_settings(args, model_dir, Tokenizer.from_dir(model_dir), queries, docs, first))
+    settings = job_settings(args, model_dir, Tokenizer.from_dir(model_dir), queries, docs, first)
+    files.check_settings(args.out / "settings.json", settings)  # a rerun continues only the same job
     model, tok = minirank.load(model_dir, dtype=getattr(torch, args.dtype), device=args.device)
     reranked = rerank_run(model, tok, queries, docs, first, args.out / "judgements.jsonl", top_k=args.top_k,
                           fmt=args.format, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,

@@ -25,7 +25,7 @@ from pathlib import Path
 from urllib.parse import urldefrag
 
 from . import prompts
-from .files import DataError, changed_settings, write_json
+from .files import DataError, check_settings, write_json
 from .crawl import USER_AGENT, Crawler, PageCache
 from .stackexchange import BrightFilter, DumpError, iter_rows, read_questions
 from .teacher import APITeacher, LocalTeacher, StructureTeacher, TeacherFatal
@@ -130,24 +130,6 @@ def _settings(args) -> dict:
         "teacher": args.teacher or args.teacher_model, "max_tokens": args.max_tokens,
         "val_fraction": args.val_fraction,
     }
-
-
-def _check_settings(out: Path, settings: dict, write: bool):
-    """Refuse a run dir written with other settings; write them (write=True) into a new one."""
-    p = out / "settings.json"
-    if p.exists():
-        try:
-            old = json.loads(p.read_text())
-        except ValueError:
-            old = None
-        if not isinstance(old, dict):
-            raise UsageError(f"{p}: unreadable settings file (not a JSON object)")
-        diff = changed_settings(old, settings)
-        if diff:
-            d = ", ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in diff[:4])
-            raise UsageError(f"{out} was written with other settings ({d}); use a new --out")
-    elif write:
-        write_json(p, settings)
 
 
 def _records(path: Path):
@@ -333,9 +315,9 @@ def run(args) -> int:
     next(rows, None)  # a file that is not a Posts.xml fails here, in a second, not after the teacher check
     rows.close()
     settings = _settings(args)
-    _check_settings(out, settings, write=False)  # before loading a local teacher model
+    check_settings(out / "settings.json", settings, write=False)  # before loading a local teacher model
     teacher = make_teacher(args)  # fail fast (unreachable, 401, unknown model) before hours of crawling
-    _check_settings(out, settings, write=True)  # only now: a mistyped model name must not claim the dir
+    check_settings(out / "settings.json", settings)  # only now: a mistyped model name must not claim the dir
     progress = _progress(args)
 
     tags = [t.strip() for t in args.tags.split(",") if t.strip()] if args.tags else None

@@ -283,8 +283,28 @@ def content_hash(obj):
 
 def changed_settings(old: dict, new: dict) -> list[str]:
     """The keys whose values differ between a job's recorded settings and today's (missing on one side
-    counts): what every resumable job checks before it continues."""
+    counts)."""
     return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+def check_settings(path, settings: dict, write: bool = True) -> None:
+    """The guard of every resumable job (data generation, reranking, training): continuing is only sound
+    with the same settings, so a settings file (path) that records others -- or is no JSON object -- is a
+    DataError naming what differs, old -> new. With write, the settings are recorded when none are yet."""
+    path = Path(path)
+    if path.is_file():
+        old = read_json(path, "a job's settings (a JSON object)")
+        diff = changed_settings(old, settings)
+        if diff:
+            def short(v):
+                v = repr(v)
+                return v if len(v) <= 60 else v[:57] + "..."
+            shown = ", ".join(f"{k}: {short(old.get(k))} -> {short(settings.get(k))}" for k in diff[:4])
+            raise DataError(f"{path.parent} holds a job with other settings: {', '.join(diff)} differ ({shown}"
+                            f"{', ...' if len(diff) > 4 else ''}); use another --out, or rerun with the same "
+                            f"settings to continue it")
+    elif write:
+        write_json(path, settings)
 
 
 def file_stamps(paths):

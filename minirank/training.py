@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from . import lora as lora_mod
-from .files import DataError, changed_settings, read_json
+from .files import DataError, check_settings, read_json
 
 
 class UsageError(Exception):
@@ -172,14 +172,9 @@ def prepare_out_dir(out, settings: dict, resume: bool) -> Path:
     settings = json.loads(json.dumps(settings))  # normalise (tuples -> lists) so comparisons are exact
     if run.is_file():
         try:
-            old = read_json(run, "the run's settings (a JSON object)")
+            check_settings(run, settings, write=False)
         except DataError as e:
-            raise UsageError(f"{e}; use a new --out") from None
-        diff = changed_settings(old, settings)
-        if diff:
-            shown = ", ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in diff[:4])
-            raise UsageError(f"--out {out} holds a run with other settings ({shown}{' ...' if len(diff) > 4 else ''}); "
-                             f"use a new --out, or rerun with the same settings to resume it")
+            raise UsageError(str(e)) from None
         return out
     if resume:
         raise UsageError(f"--resume: {out} holds no run to resume (no {run.name})")

@@ -710,7 +710,7 @@ def test_settings_file_that_is_not_an_object(tmp_path, capsys):
     capsys.readouterr()
     assert datagen.main(["--posts", str(posts), "--out", str(tmp_path / "o"), "--documents", "answers",
                          "--teacher", "structure", "--quiet"]) == 2
-    assert "settings.json: unreadable settings file" in capsys.readouterr().err
+    assert "settings.json: expected a job's settings (a JSON object), got list" in capsys.readouterr().err
 
 
 def test_pairs_file_torn_tail_and_bad_line(tmp_path):

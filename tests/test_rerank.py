@@ -6,7 +6,7 @@ import math
 import pytest
 
 import minirank
-from minirank import prompts, rerank
+from minirank import files, prompts, rerank
 from minirank.rerank import Judgement, expected_label, label_token_ids, order
 
 
@@ -182,15 +182,16 @@ def test_job_settings_cover_everything_that_changes_a_judgement(smol_dir, tmp_pa
     run = {"q": {"a": 3.0, "b": 2.0, "c": 1.0}}
     settings = lambda: cli.job_settings(args, smol_dir, tok, queries, docs, run)
     base = settings()
-    cli.check_settings(tmp_path, base)
-    cli.check_settings(tmp_path, settings())  # the same job resumes
+    check = lambda s: files.check_settings(tmp_path / "settings.json", s)
+    check(base)
+    check(settings())  # the same job resumes
 
     def differs(*keys):
         now = settings()
         assert sorted(k for k in now if now[k] != base[k]) == sorted(keys)
         if keys:
-            with pytest.raises(cli.JobError, match=f"other settings: {', '.join(sorted(keys))} differ"):
-                cli.check_settings(tmp_path, now)
+            with pytest.raises(files.DataError, match=f"other settings: {', '.join(sorted(keys))} differ"):
+                check(now)
 
     docs["b"] = "B2"
     differs("documents")
@@ -214,7 +215,6 @@ def test_job_settings_cover_everything_that_changes_a_judgement(smol_dir, tmp_pa
 
 
 def test_settings_file_that_is_not_an_object(tmp_path):
-    cli = _rerank_cli()
     (tmp_path / "settings.json").write_text("[1, 2]")  # valid JSON, not settings: refused, no traceback
-    with pytest.raises(cli.JobError, match="other settings: model differ"):
-        cli.check_settings(tmp_path, {"model": "m"})
+    with pytest.raises(files.DataError, match=r"settings.json: expected a job's settings \(a JSON object\), got list"):
+        files.check_settings(tmp_path / "settings.json", {"model": "m"})

@@ -112,7 +112,7 @@ def test_bad_input_is_one_line_exit_2(tiny, tmp_path, capsys):
     base = ["--model", tiny, "--data", data, "--out", tmp_path / "run", "--max-steps", 1, "--batch-size", 2, "--no-progress"]
     assert run_sft(*base) == 0
     assert run_sft(*base, "--lr", 1e-3) == 2
-    assert "holds a run with other settings (lr: 0.0002 -> 0.001)" in capsys.readouterr().err
+    assert "holds a job with other settings: lr differ (lr: 0.0002 -> 0.001)" in capsys.readouterr().err
     assert run_sft(*base) == 0 and "already complete" in capsys.readouterr().out
     assert run_sft(*base[:5], tmp_path / "fresh", "--resume") == 2
 

@@ -124,7 +124,7 @@ def test_run_dir_settings(tmp_path):
     out = tmp_path / "run"
     T.prepare_out_dir(out, {"lr": 1e-4, "targets": ("q", "v")}, resume=False)
     T.prepare_out_dir(out, {"lr": 1e-4, "targets": ("q", "v")}, resume=True)  # same settings: resumable
-    with pytest.raises(UsageError, match=r"other settings \(lr: 0.0001 -> 0.001\)"):
+    with pytest.raises(UsageError, match=r"other settings: lr differ \(lr: 0.0001 -> 0.001\)"):
         T.prepare_out_dir(out, {"lr": 1e-3, "targets": ("q", "v")}, resume=True)
     with pytest.raises(UsageError, match="holds no run"):
         T.prepare_out_dir(tmp_path / "new", {}, resume=True)
