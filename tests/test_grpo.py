@@ -513,6 +513,7 @@ def _ddp_worker(rank, world, port, groups, out):
     results = [_ddp_step(case, groups, rank, world) for case in DDP_CASES]
     if rank == 0:
         torch.save(results, out)
+    torch.distributed.barrier()  # no rank tears gloo down while the other still talks to it (SIGABRT seen)
     torch.distributed.destroy_process_group()
 
 
