@@ -1,4 +1,4 @@
-"""The decoder: Llama 3.x and Qwen2/2.5, configured from a Hugging Face config.json.
+"""The decoder: Llama 3.x, Qwen2/2.5 and Qwen3, configured from a Hugging Face config.json.
 
 Parameter names are exactly the Hugging Face checkpoint names (model.layers.0.self_attn.q_proj.weight,
 ...), so loading a checkpoint is a plain state-dict copy and what we save loads in transformers/vLLM.
@@ -14,12 +14,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
 
 
 @dataclass
 class ModelConfig:
-    arch: str  # "llama" or "qwen2"
+    arch: str  # "llama", "qwen2" or "qwen3"
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -32,7 +32,8 @@ class ModelConfig:
     rope_scaling: dict | None = None
     max_position_embeddings: int = 8192
     tie_word_embeddings: bool = False
-    attention_bias: bool = False  # q/k/v biases (Qwen2 always; Llama when the config says so)
+    attention_bias: bool = False  # q/k/v biases (Qwen2 always; Llama and Qwen3 when the config says so)
+    qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (Qwen3)
     mlp_bias: bool = False
     hf: dict = field(default_factory=dict, repr=False)  # the config.json we came from, saved back unchanged
 
@@ -41,11 +42,11 @@ class ModelConfig:
         archs = hf.get("architectures") or []
         arch = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
         if arch is None:
-            arch = {"llama": "llama", "qwen2": "qwen2"}.get(hf.get("model_type"))
+            arch = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}.get(hf.get("model_type"))
         if arch is None:
             raise ValueError(
                 f"{source}: unsupported architecture {archs or hf.get('model_type')!r}; "
-                f"minirank supports {sorted(ARCHITECTURES)} (model_type llama / qwen2)")
+                f"minirank supports {sorted(ARCHITECTURES)} (model_type llama / qwen2 / qwen3)")
         if hf.get("use_sliding_window"):
             raise ValueError(f"{source}: use_sliding_window=true is not supported")
         try:
@@ -59,14 +60,16 @@ class ModelConfig:
                 num_hidden_layers=hf["num_hidden_layers"],
                 num_attention_heads=n_heads,
                 num_key_value_heads=hf.get("num_key_value_heads") or n_heads,
-                head_dim=hf.get("head_dim") or hidden // n_heads,
-                rms_norm_eps=hf.get("rms_norm_eps", 1e-6),  # transformers: LlamaConfig and Qwen2Config both default to 1e-6
+                # Qwen3Config defaults head_dim to 128, not hidden // heads (Qwen3-0.6B: 1024 / 16 heads, 128)
+                head_dim=hf.get("head_dim") or (128 if arch == "qwen3" else hidden // n_heads),
+                rms_norm_eps=hf.get("rms_norm_eps", 1e-6),  # transformers: Llama/Qwen2/Qwen3Config all default to 1e-6
                 rope_theta=hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
                 rope_scaling=_rope_scaling(hf),
                 max_position_embeddings=hf.get("max_position_embeddings", 8192),
                 tie_word_embeddings=hf.get("tie_word_embeddings", False),
                 attention_bias=True if arch == "qwen2" else hf.get("attention_bias", False),
                 mlp_bias=hf.get("mlp_bias", False),
+                qk_norm=arch == "qwen3",
                 hf=dict(hf),
             )
         except KeyError as e:
@@ -147,13 +150,20 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=b)
         self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=b)
         self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=b)
-        # Qwen2 has biases on q/k/v only; Llama's attention_bias covers o_proj too
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=b and cfg.arch == "llama")
+        # Qwen2 has biases on q/k/v only; Llama's and Qwen3's attention_bias covers o_proj too
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=b and cfg.arch != "qwen2")
+        # Qwen3 normalises every head's q and k (one weight of head_dim, shared by all heads) before
+        # RoPE: it bounds the attention logits, which is what lets it drop the qkv biases
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
     def forward(self, x, cos, sin, mask=None, cache=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:

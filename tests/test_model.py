@@ -26,11 +26,22 @@ QWEN2 = dict(  # Qwen2 in miniature: q/k/v bias, untied head, more embedding row
     rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=32768, tie_word_embeddings=False,
     use_sliding_window=False, bos_token_id=1, eos_token_id=2,
 )
+QWEN3 = dict(  # Qwen3 in miniature: q/k norms, no qkv bias, head_dim 48 != hidden / heads = 32, untied
+    architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=640, hidden_size=128, head_dim=48,
+    intermediate_size=320, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=40960, tie_word_embeddings=False,
+    attention_bias=False, use_sliding_window=False, bos_token_id=1, eos_token_id=2,
+)
+# tied, head_dim 64 > hidden / heads (as Qwen3-0.6B: 1024 / 16 heads, head_dim 128), and attention_bias,
+# which for Qwen3 (as for Llama) puts a bias on o_proj too
+QWEN3_TIED = {**QWEN3, "hidden_size": 96, "head_dim": 64, "num_attention_heads": 6, "num_key_value_heads": 3,
+              "tie_word_embeddings": True, "attention_bias": True}
+ARCH_CLASSES = {"llama": ("LlamaForCausalLM", "LlamaConfig"), "qwen2": ("Qwen2ForCausalLM", "Qwen2Config"),
+                "qwen3": ("Qwen3ForCausalLM", "Qwen3Config")}
 
 
 def reference(hf: dict):
-    cls = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM}[hf["model_type"]]
-    cfg_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[hf["model_type"]]
+    cls, cfg_cls = (getattr(transformers, name) for name in ARCH_CLASSES[hf["model_type"]])
     ref = cls(cfg_cls(**hf)).eval()
     with torch.no_grad():  # HF initialises biases to 0: randomise them so they are actually tested
         for name, p in ref.named_parameters():
@@ -48,7 +59,7 @@ def ours_from(ref, hf):
     return model
 
 
-@pytest.mark.parametrize("hf", [LLAMA32, QWEN2], ids=["llama3.2", "qwen2"])
+@pytest.mark.parametrize("hf", [LLAMA32, QWEN2, QWEN3, QWEN3_TIED], ids=["llama3.2", "qwen2", "qwen3", "qwen3-tied"])
 def test_logits_match_transformers(hf):
     ref = reference(hf)
     model = ours_from(ref, hf)
@@ -87,15 +98,37 @@ def test_real_model_logits(smol_dir):
         assert (model(ids) - ref(ids).logits).abs().max().item() <= 1e-4
 
 
-def test_save_loads_in_transformers(tmp_path):
-    ref = reference(QWEN2)
-    model = ours_from(ref, QWEN2)
+@pytest.mark.parametrize("hf", [QWEN2, QWEN3, QWEN3_TIED], ids=["qwen2", "qwen3", "qwen3-tied"])
+def test_save_loads_in_transformers(hf, tmp_path):
+    ref = reference(hf)
+    model = ours_from(ref, hf)
     save_model(model, tmp_path / "m", max_shard_bytes=200_000)  # forces several shards + index
     assert (tmp_path / "m" / "model.safetensors.index.json").is_file()
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
+    assert type(back).__name__ == hf["architectures"][0]
     ids = torch.randint(0, 640, (1, 64))
     with torch.no_grad():
         assert torch.equal(back(ids).logits, model(ids))
+    again = load_model(tmp_path / "m")  # and our own loader reads it back: a round trip, bit for bit
+    assert again.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
+
+
+@pytest.mark.parametrize("hf", [QWEN3, QWEN3_TIED], ids=["qwen3", "qwen3-tied"])
+def test_qwen3_greedy_generation_matches_transformers(hf):
+    # the KV-cache path (prefill, then one token at a time) must apply q/k norms as the full forward does
+    ref = reference(hf)
+    with torch.no_grad():
+        ref.lm_head.weight.mul_(8.0)  # sharp distributions: no near-ties for the two programs to split
+    model = ours_from(ref, hf)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 640, (n,), generator=g).tolist() for n in (5, 23, 11)]
+    out = minirank.generate(model, prompts, max_new_tokens=20, stop_ids=[], batch_size=2)
+    for p, toks in zip(prompts, out.tokens):
+        with torch.no_grad():
+            want = ref.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
+        assert toks == want[0, len(p):].tolist()
 
 
 def test_transformers_sharded_checkpoint_loads(tmp_path):
@@ -199,7 +232,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
     assert all(torch.allclose(plain[k], ckpt[k], atol=1e-6) for k in plain)
 
 
-@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen2ForCausalLM"])
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"])
 def test_config_defaults_equal_transformers(arch):
     # a config.json may leave fields out: each must then mean what it means to transformers
     import transformers
@@ -209,5 +242,6 @@ def test_config_defaults_equal_transformers(arch):
     ref = getattr(transformers, arch.replace("ForCausalLM", "Config"))(**hf)
     cfg = ModelConfig.from_hf(hf)
     rope_theta = getattr(ref, "rope_theta", None) or ref.rope_parameters["rope_theta"]
-    assert (cfg.rms_norm_eps, cfg.rope_theta, cfg.tie_word_embeddings) == (
-        ref.rms_norm_eps, rope_theta, ref.tie_word_embeddings)
+    head_dim = getattr(ref, "head_dim", None) or ref.hidden_size // ref.num_attention_heads
+    assert (cfg.rms_norm_eps, cfg.rope_theta, cfg.tie_word_embeddings, cfg.head_dim) == (
+        ref.rms_norm_eps, rope_theta, ref.tie_word_embeddings, head_dim)
