@@ -18,6 +18,7 @@ BM25 follows BRIGHT's gensim/pyserini baseline (bm25.py).
 
 import argparse
 import json
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -237,6 +238,102 @@ def queries_from_examples(examples):
 def evaluate_examples(run, examples, metrics=DEFAULT_METRICS, long=False):
     """BRIGHT's evaluation of a run: qrels from gold ids, excluded ids removed, mean over queries."""
     return evaluate(run, qrels_from_examples(examples, long), metrics, excluded_from_examples(examples))
+
+
+# ----------------------------------------------------------------------------------------------
+# Contamination: which BRIGHT domains a text collection overlaps. BRIGHT's StackExchange queries are
+# posts (title on the first line, then the body, sometimes lightly edited) and its gold answers are
+# those posts' answers. A query matches when its title equals a BRIGHT query's first line or most of
+# its 8-word shingles occur in BRIGHT's queries; a document matches when most of its shingles occur
+# in BRIGHT's gold answers. The same test drops questions in `train.py data` and flags training data.
+
+_SHINGLE = 8
+
+
+def normalise(text: str) -> list[str]:
+    """Lower-cased alphanumeric words (markup, punctuation and spacing differences vanish)."""
+    return re.findall(r"[^\W_]+", text.lower())
+
+
+def _shingles(words):
+    return {hash(" ".join(words[i:i + _SHINGLE])) for i in range(max(0, len(words) - _SHINGLE + 1))}
+
+
+def _mostly_in(sh, seen):
+    return len(sh) >= 3 and len(sh & seen) >= 0.5 * len(sh)
+
+
+def default_dir() -> str | None:
+    """Where BRIGHT's examples are looked for: $MINIRANK_BRIGHT, else ../shared/bright next to the
+    repository, else the hub cache's pinned commit (None: no copy on this machine)."""
+    env = os.environ.get("MINIRANK_BRIGHT")
+    if env:
+        return env
+    shared = Path(__file__).resolve().parent.parent.parent / "shared" / "bright"
+    if (shared / "examples").is_dir():
+        return str(shared)
+    ref = _cache() / "refs" / "main"
+    sha = ref.read_text().strip() if ref.is_file() else ""
+    return str(_cache() / sha) if _SHA.match(sha) and (_cache() / sha / "examples").is_dir() else None
+
+
+class BrightFilter:
+    """Per domain: the first lines and shingles of BRIGHT's queries, the shingles of its gold answers.
+    `filter(title, body)` is True for a question that is (or nearly is) a BRIGHT query."""
+
+    def __init__(self, bright_dir: str | Path):
+        root = Path(bright_dir)
+        found = {d: local_files(root, "examples", d) for d in DOMAINS}
+        # files named after no domain (a hand-made examples dir) still count, under their own name
+        named = {p for ps in found.values() for p in ps}
+        for p in sorted((root / "examples").glob("*.jsonl*")) if (root / "examples").is_dir() else []:
+            if p not in named:
+                found[p.name.split(".")[0]] = [p]
+        found = {d: ps for d, ps in found.items() if ps}
+        if not found:
+            raise BrightError(f"{root / 'examples'}: no BRIGHT examples (<domain>.jsonl.gz or parquet) to check against")
+        self.source, self.n_queries = str(root), 0
+        self.titles, self.queries, self.answers = {}, {}, {}
+        for domain, paths in found.items():
+            titles, queries, answers = set(), set(), set()
+            for fp in paths:
+                for n, row in enumerate(read_rows(fp, columns=["query", "gold_answer"]), 1):  # DataError names file:line
+                    q = row["query"]
+                    if not isinstance(q, str):
+                        raise BrightError(f"{fp}: row {n}: not a BRIGHT example (no 'query' text)")
+                    self.n_queries += 1
+                    first = normalise(q.strip().split("\n", 1)[0])
+                    if len(first) >= 3:
+                        titles.add(" ".join(first))
+                    queries |= _shingles(normalise(q))
+                    if isinstance(row["gold_answer"], str) and row["gold_answer"] != "N/A":
+                        answers |= _shingles(normalise(row["gold_answer"]))
+            self.titles[domain], self.queries[domain], self.answers[domain] = titles, queries, answers
+
+    def query_domains(self, title: str, body: str) -> list[str]:
+        t, sh = " ".join(normalise(title)), _shingles(normalise(body))
+        return [d for d in self.titles
+                if (len(t.split()) >= 3 and t in self.titles[d]) or _mostly_in(sh, self.queries[d])]
+
+    def document_domains(self, text: str) -> list[str]:
+        sh = _shingles(normalise(text))
+        return [d for d in self.answers if _mostly_in(sh, self.answers[d])]
+
+    def __call__(self, title: str, body: str) -> bool:
+        return bool(self.query_domains(title, body))
+
+
+def data_overlap(pairs, bright_dir=None) -> dict:
+    """How many (query, document) pairs touch each BRIGHT domain (query a BRIGHT query, or document a
+    BRIGHT gold answer). {"checked": False, ...} when no BRIGHT copy is found to check against."""
+    bright_dir = bright_dir or default_dir()
+    if bright_dir is None:
+        return {"checked": False, "source": None, "overlap": {}}
+    f, overlap = BrightFilter(bright_dir), {}
+    for query, document in pairs:
+        for d in set(f.query_domains(query.strip().split("\n", 1)[0], query)) | set(f.document_domains(document)):
+            overlap[d] = overlap.get(d, 0) + 1
+    return {"checked": True, "source": f.source, "overlap": dict(sorted(overlap.items()))}
 
 
 # ----------------------------------------------------------------------------------------------

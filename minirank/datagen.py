@@ -27,20 +27,13 @@ from urllib.parse import urldefrag
 from . import prompts
 from .files import DataError, check_settings, write_json
 from .crawl import USER_AGENT, Crawler, PageCache
-from .stackexchange import BrightFilter, DumpError, iter_rows, read_questions
+from .bright import BrightFilter, default_dir
+from .stackexchange import DumpError, iter_rows, read_questions
 from .teacher import APITeacher, LocalTeacher, StructureTeacher, TeacherFatal
 
 
 class UsageError(Exception):
     """Bad input or settings: one line, exit status 2."""
-
-
-def _bright_default() -> str | None:
-    env = os.environ.get("MINIRANK_BRIGHT")
-    if env:
-        return env
-    p = Path(__file__).resolve().parent.parent.parent / "shared" / "bright"
-    return str(p) if p.is_dir() else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,17 +56,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--require-accepted", action="store_true", help="keep only questions with an accepted answer")
     g.add_argument("--tags", default=None, help="comma-separated: keep questions carrying any of these tags")
     g.add_argument("--max-questions", type=int, default=None, help="stop after this many kept questions (file order)")
-    g.add_argument("--exclude-bright", nargs="?", const="default", default=None, metavar="DIR",
-                   help="drop questions that are BRIGHT test queries (DIR/examples/*.jsonl.gz; without DIR: "
-                        "$MINIRANK_BRIGHT, else ../shared/bright next to the repository)")
+    g.add_argument("--exclude-bright", nargs="?", const="default", default="auto", metavar="DIR",
+                   help="drop questions that are BRIGHT test queries and pairs whose document is a BRIGHT gold "
+                        "answer (DIR/examples/; without DIR: $MINIRANK_BRIGHT, else ../shared/bright next to the "
+                        "repository, else the BRIGHT cache). On by default whenever such a copy is found")
+    g.add_argument("--no-exclude-bright", dest="exclude_bright", action="store_const", const=None,
+                   help="keep questions and documents that overlap BRIGHT (the model then cannot be evaluated "
+                        "on those BRIGHT domains without --allow-contaminated)")
     g = ap.add_argument_group("documents")
     g.add_argument("--documents", choices=("web", "answers"), default="web",
                    help="web: the pages the answers link to (the paper's data); answers: the question's own "
                         "answers as documents (accepted first), needs no network at all")
     g.add_argument("--max-docs", type=int, default=8,
                    help="documents per question (links, or answers), accepted answer's first, then by answer score")
-    g.add_argument("--no-negatives", action="store_true",
-                   help="skip the extra BM25 negative per question (best match among other questions' documents)")
+    g.add_argument("--negatives", type=int, default=1, metavar="N",
+                   help="extra BM25 negatives per question: the N best matches among other questions' documents "
+                        "(0: none). A reranker's candidates are mostly such near misses")
     g = ap.add_argument_group("crawling (--documents web)")
     g.add_argument("--cache", default=None, help="page cache directory (default: OUT/pages); share it between runs")
     g.add_argument("--offline", action="store_true", help="fetch nothing: use cached pages only, count the rest as 'offline'")
@@ -126,7 +124,7 @@ def _settings(args) -> dict:
         "documents": args.documents, "format": args.format, "prompt_hash": prompts.prompt_hash(args.format),
         "min_score": args.min_score, "require_accepted": args.require_accepted, "tags": args.tags,
         "max_questions": args.max_questions, "exclude_bright": args.exclude_bright,
-        "max_docs": args.max_docs, "negatives": not args.no_negatives, "max_doc_chars": prompts.MAX_DOC_CHARS,
+        "max_docs": args.max_docs, "negatives": args.negatives, "max_doc_chars": prompts.MAX_DOC_CHARS,
         "teacher": args.teacher or args.teacher_model, "max_tokens": args.max_tokens,
         "val_fraction": args.val_fraction,
     }
@@ -248,9 +246,9 @@ def documents(args, questions, out: Path):
     return per_q, text, links
 
 
-def negatives(questions, per_q, text, progress=False) -> dict[str, str]:
-    """{qid: doc id}: the best BM25 match for the question among the documents of other questions
-    (a document whose text equals one of the question's own is skipped too)."""
+def negatives(questions, per_q, text, n=1, progress=False) -> dict[str, list[str]]:
+    """{qid: [doc id, ...]}: the n best BM25 matches for the question among the documents of other
+    questions (a document whose text equals one of the question's own is skipped too)."""
     from .bm25 import build_index, top_k
     ids = list(dict.fromkeys(d for docs in per_q.values() for d, _ in docs))
     if len(ids) < 2:
@@ -268,12 +266,16 @@ def negatives(questions, per_q, text, progress=False) -> dict[str, str]:
         own = {d for d, _ in per_q[q.id]}
         own_text = {digest[d] for d in own}
         scores = index.score(q.query)
-        for i in top_k(scores, k=len(own) + 20):
+        found, seen = [], set(own_text)
+        for i in top_k(scores, k=len(own) + 20 + n):
             d = ids[i]
-            # nothing lexically close (all zeros): the first other document still makes a negative
-            if d not in own and digest[d] not in own_text:
-                neg[q.id] = d
-                break
+            # nothing lexically close (all zeros): the first other documents still make negatives
+            if d not in own and digest[d] not in seen:
+                found.append(d)
+                seen.add(digest[d])
+                if len(found) == n:
+                    break
+        neg[q.id] = found
     return neg
 
 
@@ -305,12 +307,12 @@ def run(args) -> int:
         args._lock = lock  # held until the process exits
     exclude = None
     if args.exclude_bright is not None:
-        bdir = _bright_default() if args.exclude_bright == "default" else args.exclude_bright
-        if not bdir:
+        bdir = args.exclude_bright if args.exclude_bright not in ("auto", "default") else default_dir()
+        if not bdir and args.exclude_bright == "default":
             raise UsageError("--exclude-bright: no BRIGHT directory given and none found "
                              "(set $MINIRANK_BRIGHT or pass DIR)")
-        args.exclude_bright = str(Path(bdir).resolve())
-        exclude = BrightFilter(bdir)
+        args.exclude_bright = str(Path(bdir).resolve()) if bdir else None
+        exclude = BrightFilter(bdir) if bdir else None
     rows = iter_rows(posts)
     next(rows, None)  # a file that is not a Posts.xml fails here, in a second, not after the teacher check
     rows.close()
@@ -324,16 +326,19 @@ def run(args) -> int:
     questions, st = read_questions(posts, args.min_score, args.require_accepted, tags, args.max_questions,
                                    exclude, progress=progress)
     per_q, text, links = documents(args, questions, out)
-    neg = {} if args.no_negatives else negatives(questions, per_q, text, progress)
+    neg = negatives(questions, per_q, text, args.negatives, progress) if args.negatives > 0 else {}
 
     # every pair of the run, in a fixed order; a negative's id does not name its document, so a
     # rerun that picks another negative (more pages fetched since) never labels a second one
     plan = []
     for q in questions:
         for d, kind in per_q.get(q.id, ()):
+            if exclude is not None and exclude.document_domains((text(d) or "")[: prompts.MAX_DOC_CHARS]):
+                st.excluded_documents += 1  # a BRIGHT gold answer (BRIGHT has no source URLs to match)
+                continue
             plan.append((f"{q.id}|{d}", q, d, kind))
-        if q.id in neg:
-            plan.append((f"{q.id}|negative", q, neg[q.id], "negative"))
+        for i, d in enumerate(neg.get(q.id, ())):  # the first keeps its old id: runs made with one negative resume
+            plan.append((f"{q.id}|negative" + (str(i + 1) if i else ""), q, d, "negative"))
     pairs_path = out / "pairs.jsonl"
     done = read_pairs(pairs_path)
     todo = [p for p in plan if p[0] not in done or (args.retry_failed and not done[p[0]][0])]
@@ -422,7 +427,7 @@ def finish(out: Path, args, st, links, plan, teacher_name) -> dict:
     n_lab = sum(labels.values())
     summary = {
         "questions": {"read": st.questions, "answers_read": st.answers, "filtered": st.filtered,
-                      "excluded_bright": st.excluded, "kept": st.kept, "answers_of_kept": st.answers_kept,
+                      "excluded_bright": st.excluded, "excluded_bright_documents": st.excluded_documents, "kept": st.kept, "answers_of_kept": st.answers_kept,
                       "with_documents": len({p[1].id for p in plan})},
         "documents": args.documents,
         "links": links if args.documents == "web" else None,

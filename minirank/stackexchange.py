@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
 
-from .files import read_rows
-
 
 class DumpError(ValueError):
     """The file is not a readable StackExchange Posts.xml."""
@@ -168,6 +166,7 @@ class ReadStats:
     answers: int = 0
     filtered: int = 0  # questions dropped by score/accepted/tags
     excluded: int = 0  # questions dropped by `exclude` (BRIGHT overlap)
+    excluded_documents: int = 0  # pairs dropped because the document is a BRIGHT gold answer
     kept: int = 0
     answers_kept: int = 0
     links: int = 0     # links in the kept questions' answers (with repeats)
@@ -277,43 +276,21 @@ def read_questions(path, min_score=None, require_accepted=False, tags=None, max_
 
 
 # ----------------------------------------------------------------------------------------------
-# BRIGHT overlap: BRIGHT's StackExchange queries are posts (title on the first line, then the body,
-# sometimes lightly edited). A question is excluded when its title equals a query's first line, or
-# when most of its body's 8-word shingles occur in BRIGHT's queries.
-
-_SHINGLE = 8
+# A site as a retrieval benchmark (the recipe's held-out evaluation).
 
 
-def normalise(text: str) -> list[str]:
-    """Lower-cased alphanumeric words (markup, punctuation and spacing differences vanish)."""
-    return re.findall(r"[^\W_]+", text.lower())
-
-
-def _shingles(words):
-    return {hash(" ".join(words[i:i + _SHINGLE])) for i in range(max(0, len(words) - _SHINGLE + 1))}
-
-
-class BrightFilter:
-    def __init__(self, bright_dir: str | Path):
-        d = Path(bright_dir) / "examples"
-        paths = sorted(d.glob("*.jsonl.gz")) + sorted(d.glob("*.jsonl"))
-        if not paths:
-            raise DumpError(f"{d}: no BRIGHT examples (*.jsonl.gz) to exclude")
-        self.titles, self.shingles, self.n_queries = set(), set(), 0
-        for fp in paths:
-            for n, row in enumerate(read_rows(fp, columns=["query"]), 1):  # DataError names file:line
-                q = row["query"]
-                if not isinstance(q, str):
-                    raise DumpError(f"{fp}: row {n}: not a BRIGHT example (no 'query' text)")
-                self.n_queries += 1
-                first = normalise(q.strip().split("\n", 1)[0])
-                if len(first) >= 3:
-                    self.titles.add(" ".join(first))
-                self.shingles |= _shingles(normalise(q))
-
-    def __call__(self, title: str, body: str) -> bool:
-        t = normalise(title)
-        if len(t) >= 3 and " ".join(t) in self.titles:
-            return True
-        sh = _shingles(normalise(body))
-        return len(sh) >= 3 and len(sh & self.shingles) >= 0.5 * len(sh)
+def eval_task(path) -> tuple[dict[str, str], dict[str, str], dict[str, dict[str, int]]]:
+    """(queries, documents, qrels) of one dump, built from the threads alone:
+    queries  = questions with an accepted answer and at least 2 answers (text: title + body);
+    documents = every non-empty answer of the site (id "answer:<post id>", as `train.py data` names them);
+    qrels    = the accepted answer 2, the question's other answers 1 (every other document 0).
+    A first stage then ranks all the site's answers for each query (minirank.bm25)."""
+    questions, _ = read_questions(path)
+    docs = {f"answer:{a.id}": a.text for q in questions for a in q.answers if a.text.strip()}
+    queries, qrels = {}, {}
+    for q in questions:
+        own = [a for a in q.answers if f"answer:{a.id}" in docs]
+        if q.accepted_id and len(own) >= 2 and any(a.id == q.accepted_id for a in own):
+            queries[q.id] = q.query
+            qrels[q.id] = {f"answer:{a.id}": 2 if a.id == q.accepted_id else 1 for a in own}
+    return queries, docs, qrels

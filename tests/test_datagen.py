@@ -19,7 +19,8 @@ import pytest
 
 from minirank import datagen, prompts
 from minirank.crawl import html_text
-from minirank.stackexchange import BrightFilter, DumpError, iter_rows, read_questions
+from minirank.bright import BrightFilter, BrightError
+from minirank.stackexchange import DumpError, iter_rows, read_questions
 from minirank.teacher import StructureTeacher
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -171,7 +172,7 @@ def test_exclude_bright_bad_examples(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "x.jsonl:2: not a JSON object" in err and err.count("\n") == 1
     (tmp_path / "b" / "examples" / "x.jsonl").write_text('{"id": "1"}\n')
-    with pytest.raises(DumpError, match=r"x.jsonl: row 1: not a BRIGHT example"):
+    with pytest.raises(BrightError, match=r"x.jsonl: row 1: not a BRIGHT example"):
         BrightFilter(tmp_path / "b")
 
 
@@ -650,7 +651,7 @@ def test_local_teacher_smollm2(tmp_path, smol_dir):
                         answer(2, 1, "<p>Old beans give no crema.</p>"),
                         question(3, "Tea", "<p>Green tea temperature?</p>"), answer(4, 3, "<p>About 80 C.</p>")])
     out = tmp_path / "o"
-    code = datagen.main(["--posts", str(posts), "--out", str(out), "--documents", "answers", "--no-negatives",
+    code = datagen.main(["--posts", str(posts), "--out", str(out), "--documents", "answers", "--negatives", "0",
                          "--teacher", str(smol_dir), "--max-tokens", "12", "--quiet", "--format", "label"])
     assert code == 0
     recs = [json.loads(x) for x in (out / "pairs.jsonl").read_text().splitlines()]
