@@ -84,8 +84,9 @@ class Tokenizer:
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None,
                     documents: list[dict] | None = None, **kwargs) -> str:
         """The chat template's text. tools: JSON-schema dicts; other keyword arguments become template
-        variables (date_string, builtin_tools, ...). Like transformers, `tools` and `documents` are always
-        defined for the template (None when not given), so `tools is defined` reads the same in both."""
+        variables (date_string, builtin_tools, Qwen3's enable_thinking, ...). Like transformers, `tools`
+        and `documents` are always defined for the template (None when not given), so `tools is defined`
+        reads the same in both."""
         if not self.chat_template:
             raise ValueError(f"tokenizer {self.source or ''} has no chat_template (tokenizer_config.json)")
         for t in tools or []:
