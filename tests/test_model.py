@@ -131,8 +131,9 @@ def test_qwen3_greedy_generation_matches_transformers(hf):
         assert toks == want[0, len(p):].tolist()
 
 
-def test_transformers_sharded_checkpoint_loads(tmp_path):
-    ref = reference(LLAMA32)
+@pytest.mark.parametrize("hf", [LLAMA32, QWEN3_TIED], ids=["llama3.2", "qwen3-tied"])
+def test_transformers_sharded_checkpoint_loads(hf, tmp_path):
+    ref = reference(hf)
     ref.save_pretrained(tmp_path / "hf", max_shard_size="300KB")
     assert len(list((tmp_path / "hf").glob("model-*.safetensors"))) > 1
     model = load_model(tmp_path / "hf")
