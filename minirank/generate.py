@@ -78,18 +78,20 @@ class _SlotView:
 
 
 class _PrefillView:
-    """Prefill-time cache: attention runs over the chunk itself (plain causal); each row's k/v go
-    straight into its slot. Pads' k/v land past the row's length, where decoding overwrites them
-    before any query is allowed to see them."""
+    """Prefill-time cache: each row's k/v go straight into its slot, after the P shared-prefix entries
+    already there. Attention runs over the chunk itself (P = 0: plain causal) or over prefix + chunk.
+    Pads' k/v land past the row's length, where decoding overwrites them before any query may see them."""
 
-    def __init__(self, cache, slots):
-        self.cache, self.slots = cache, slots
+    def __init__(self, cache, slots, P=0):
+        self.cache, self.slots, self.P = cache, slots, P
 
     def update(self, i, k, v):
-        T = k.shape[2]
-        self.cache.k[i][self.slots, :, :T] = k
-        self.cache.v[i][self.slots, :, :T] = v
-        return k, v
+        P, T = self.P, k.shape[2]
+        self.cache.k[i][self.slots, :, P:P + T] = k
+        self.cache.v[i][self.slots, :, P:P + T] = v
+        if not P:
+            return k, v
+        return self.cache.k[i][self.slots, :, :P + T], self.cache.v[i][self.slots, :, :P + T]
 
 
 # ---- counter-based randomness: a 32-bit integer hash evaluated in int64 without overflow ----
@@ -200,16 +202,27 @@ def _compiled_step(device_type):
     return _compiled[device_type]
 
 
-def prefill(model, prompts, cache, slots):
+def prefill(model, prompts, cache, slots, prefix_kv=None):
     """Run prompts right-padded as one batch, writing prompt b's K/V into cache slot slots[b];
     return the logits after each prompt's last token [B, V]. Right padding keeps every real
-    token's position = its index, and plain causal attention never lets a real token see a pad."""
+    token's position = its index, and plain causal attention never lets a real token see a pad.
+    prefix_kv: per layer (k, v) [1, n_kv, P, d] of P tokens every prompt continues: copied into each
+    slot first, the prompts then sit at positions P.. and attend to them (computed once, not B times)."""
     T = max(len(p) for p in prompts)
     ids = torch.zeros(len(prompts), T, dtype=torch.long)
     for b, p in enumerate(prompts):
         ids[b, :len(p)] = torch.tensor(p)
     dev = model.device
-    h = model.hidden(ids.to(dev), None, None, _PrefillView(cache, torch.tensor(slots, device=dev)))
+    slots = torch.tensor(slots, device=dev)
+    positions = mask = None
+    P = 0 if prefix_kv is None else prefix_kv[0][0].shape[2]
+    if P:
+        for i, (k, v) in enumerate(prefix_kv):
+            cache.k[i][slots, :, :P] = k
+            cache.v[i][slots, :, :P] = v
+        positions = (P + torch.arange(T, device=dev)).expand(len(prompts), T)
+        mask = (torch.arange(P + T, device=dev) <= positions[0, :, None])[None, None]  # the prefix, then causal
+    h = model.hidden(ids.to(dev), positions, mask, _PrefillView(cache, slots, P))
     last = torch.tensor([len(p) - 1 for p in prompts], device=dev)
     return _logits(model, h[torch.arange(len(prompts), device=dev), last])  # the LM head only where needed
 
@@ -327,11 +340,13 @@ class _Slots:
     """
 
     def __init__(self, model, prompts, n, rows: _Rows, cache: KVCache, key, sampling: dict,
-                 prefill_tokens: int, admit_min: int):
+                 prefill_tokens: int, admit_min: int, prefix_kv=None):
         self.model, self.prompts, self.n, self.rows, self.cache = model, prompts, n, rows, cache
         self.key, self.sampling = key, sampling  # sampling: temperature, top_k, top_p, watch
-        self.prefill_tokens, self.admit_min = prefill_tokens, admit_min
-        self.lengths = [len(p) for p in prompts]
+        self.prefill_tokens, self.admit_min, self.prefix_kv = prefill_tokens, admit_min, prefix_kv
+        self.new = [len(p) for p in prompts]  # tokens a prefill computes
+        P = 0 if prefix_kv is None else prefix_kv[0][0].shape[2]
+        self.lengths = [P + m for m in self.new]  # tokens in the cache after it
         self.stats = rows.out.stats
         slots = cache.slots
         self.slot_row, self.pos, self.cur, self.B = [-1] * slots, [0] * slots, [0] * slots, slots
@@ -366,11 +381,12 @@ class _Slots:
         """Prefill prompts `new` in chunks of at most `prefill_tokens` padded tokens, each into the first
         slot it was given -> {prompt: logits after its last token}."""
         first = {}
-        for chunk in _chunks(new, self.lengths, self.prefill_tokens):
-            logits = prefill(self.model, [self.prompts[p] for p in chunk], self.cache, [by_prompt[p][0] for p in chunk])
+        for chunk in _chunks(new, self.new, self.prefill_tokens):
+            logits = prefill(self.model, [self.prompts[p] for p in chunk], self.cache, [by_prompt[p][0] for p in chunk],
+                             self.prefix_kv)
             first.update(zip(chunk, logits))
             self.left.update((p, self.n) for p in chunk)
-            self.stats["prefill_tokens"] += sum(self.lengths[p] for p in chunk)
+            self.stats["prefill_tokens"] += sum(self.new[p] for p in chunk)
         return first
 
     def fork(self, p, slots, logits):
@@ -446,7 +462,7 @@ class _Slots:
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0, stop_ids=None,
              seed=None, n=1, batch_size=None, stop_strings=None, tokenizer=None, compile=False,
-             prefill_tokens=2048, admit_min=1, watch_ids=None, kv_cache_bytes=None):
+             prefill_tokens=2048, admit_min=1, watch_ids=None, kv_cache_bytes=None, prefix=None):
     """Sample `n` completions of each prompt (lists of token ids); see `Generation` for the result.
 
     stop_ids: None -> the model's own eos/end-of-turn ids (model.stop_ids, else tokenizer.stop_ids,
@@ -461,6 +477,9 @@ def generate(model, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, top
     prefill_tokens: padded-token budget of one prefill batch. admit_min: refill only once this many
       slots are free (prefills then share one pass over the weights; 1 = refill at once).
     watch_ids: token ids whose T=1 log-probs are recorded at every step (out.watched).
+    prefix: ids that every prompt continues (the prompt is prefix + prompts[i]): prefilled once,
+      its K/V copied into each row's slot (the reranker's instructions + question, shared by every
+      candidate document). Same results as passing the whole prompts, up to float noise.
     """
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -479,15 +498,22 @@ def generate(model, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, top
         out.texts = [""] * R if decode else None
         return out
 
-    max_len = -(-(max(len(p) for p in prompts) + max_new_tokens) // 64) * 64
+    P = len(prefix or [])
+    max_len = -(-(P + max(len(p) for p in prompts) + max_new_tokens) // 64) * 64
     budget = default_kv_cache_bytes(dev) if kv_cache_bytes is None else kv_cache_bytes
     slots = _slot_count(model.config, R, batch_size, max_len, model.dtype, budget)
     out.stats["slots"] = slots
     cache = KVCache(model.config, slots, max_len, model.dtype, dev)
+    prefix_kv = None
+    if P:  # the shared prefix, prefilled once into a one-slot cache of its own
+        pc = KVCache(model.config, 1, P, model.dtype, dev)
+        prefill(model, [list(prefix)], pc, [0])
+        prefix_kv = list(zip(pc.k, pc.v))
+        out.stats["prefill_tokens"] += P
     watch = None if watch_ids is None else torch.tensor(list(watch_ids), dtype=torch.long, device=dev)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, watch=watch)
     batch = _Slots(model, prompts, n, rows, cache, torch.tensor(_seed_key(seed), device=dev), sampling,
-                   prefill_tokens, admit_min)
+                   prefill_tokens, admit_min, prefix_kv)
     step_fn = _compiled_step(dev.type) if compile else decode_step
     while True:
         batch.refill()

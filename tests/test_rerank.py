@@ -109,11 +109,13 @@ def test_judge_renders_prompts_like_training(smol, monkeypatch):
     model, tok = smol
     seen = []
     real = rerank.generate
-    monkeypatch.setattr(rerank, "generate", lambda m, p, **k: seen.append(p) or real(m, p, **k))
+    # generate sees the shared ids as `prefix` and the rest per document: together, today's prompts
+    monkeypatch.setattr(rerank, "generate", lambda m, p, **k: seen.append([k["prefix"] + q for q in p]) or real(m, p, **k))
     docs = [("d1", "Paris is the capital of France."), ("d2", "Bananas are yellow.")]
     for fmt in prompts.FORMATS:
         js = rerank.judge(model, tok, "Capital of France?", docs, fmt=fmt, max_new_tokens=4)
-        assert seen[-1] == [prompts.prompt_ids(tok, "Capital of France?", d, fmt) for _, d in docs]
+        forced = rerank.label_prefix_ids(tok) if fmt == "label" else []  # the label line's start, forced
+        assert seen[-1] == [prompts.prompt_ids(tok, "Capital of France?", d, fmt) + forced for _, d in docs]
         assert [j.docid for j in js] == ["d1", "d2"]
     assert "explain" in tok.decode(seen[0][0]) and "explain" not in tok.decode(seen[1][0])
     # a label-only completion is scored from its label step like an explained one
@@ -218,3 +220,36 @@ def test_settings_file_that_is_not_an_object(tmp_path):
     (tmp_path / "settings.json").write_text("[1, 2]")  # valid JSON, not settings: refused, no traceback
     with pytest.raises(files.DataError, match=r"settings.json: expected a job's settings \(a JSON object\), got list"):
         files.check_settings(tmp_path / "settings.json", {"model": "m"})
+
+
+def test_fuse_none_rrf_linear():
+    """Fusion by hand: a/b/c/d in first-stage order; c has no label (counts as label 0)."""
+    first = {"q": {"a": 10.0, "b": 9.0, "c": 8.0, "d": 6.0}}
+    judged = {"q": [Judgement("a", 0, 0.1, ""), Judgement("b", 2, 1.9, ""), Judgement("c", None, -1, ""),
+                    Judgement("d", 1, 1.0, "")]}
+    ranked = lambda m: (lambda r: sorted(r, key=r.get, reverse=True))(rerank.fuse(first, judged, m)["q"])
+    assert ranked("none") == ["b", "d", "a", "c"]
+    # rrf: a 1/61+1/63, b 1/62+1/61, c 1/63+1/64, d 1/64+1/62
+    assert ranked("rrf") == ["b", "a", "d", "c"]
+    # linear: normalised first stage a 1, b 0.75, c 0.5, d 0; + alpha x label (c counts 0)
+    assert ranked("linear:0") == ["a", "b", "c", "d"]
+    assert ranked("linear:0.2") == ["b", "a", "c", "d"]  # 1.13, 1.02, 0.5, 0.2
+    assert ranked("linear:1") == ["b", "a", "d", "c"]  # 2.65, 1.1, 1.0, 0.5
+    # ties go to the first stage; scores are distinct
+    flat = {"q": [Judgement(d, 1, 1.0, "") for d in "dcba"]}
+    fused = rerank.fuse(first, flat, "rrf")["q"]
+    assert sorted(fused, key=fused.get, reverse=True) == ["a", "b", "c", "d"] and len(set(fused.values())) == 4
+    for bad in ("linear", "linear:-1", "rrf:2", "borda"):
+        with pytest.raises(ValueError, match="unknown fusion"):
+            rerank.fuse(first, judged, bad)
+    with pytest.raises(ValueError, match="not in the first-stage run: \\['z'\\]"):
+        rerank.fuse(first, {"q": [Judgement("z", 1, 1.0, "")]}, "rrf")
+
+
+def test_read_judgements_reads_the_job_and_its_rank_files(tmp_path):
+    rec = lambda q, d: json.dumps({"qid": q, "key": "k", "judgements": [{"docid": d, "label": 1, "score": 1.5, "text": "t"}]})
+    (tmp_path / "judgements.jsonl").write_text(rec("q1", "a") + "\n" + '{"qid": "q9", "judg')
+    (tmp_path / "judgements.rank1.jsonl").write_text(rec("q2", "b") + "\n" + rec("q1", "zz") + "\n")
+    (tmp_path / "judgements.rankx.jsonl").write_text(rec("q3", "c") + "\n")  # not a rank file
+    got = rerank.read_judgements(tmp_path / "judgements.jsonl")
+    assert got == {"q1": [Judgement("a", 1, 1.5, "t")], "q2": [Judgement("b", 1, 1.5, "t")]}
