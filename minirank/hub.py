@@ -26,6 +26,7 @@ a branch that moves in the middle of a download cannot mix files of two commits 
 import json
 import os
 import re
+import sys
 import urllib.parse
 from pathlib import Path
 
@@ -379,6 +380,7 @@ def snapshot_download(repo_id: str, revision: str = "main", cache: Path | None =
             raise
     local = repo_dir / "snapshots" / commit
     if not _complete(local):
+        print(f"downloading {repo_id}@{commit[:12]} into {local} (once)", file=sys.stderr, flush=True)
         _download_snapshot(repo_id, commit, local, _endpoint(endpoint), get_token(token), revision)
     if commit != revision and cached != commit:
         atomic_write(ref, commit + "\n")  # last: a ref only ever names a complete snapshot

@@ -253,3 +253,60 @@ def test_read_judgements_reads_the_job_and_its_rank_files(tmp_path):
     (tmp_path / "judgements.rankx.jsonl").write_text(rec("q3", "c") + "\n")  # not a rank file
     got = rerank.read_judgements(tmp_path / "judgements.jsonl")
     assert got == {"q1": [Judgement("a", 1, 1.5, "t")], "q2": [Judgement("b", 1, 1.5, "t")]}
+
+
+# documents whose first characters the tokenizer merges (or not) with the template's "Document:\n"
+BOUNDARY_DOCS = [("d1", "Paris is the capital of France."), ("d2", "\n\nParis is big."), ("d3", " Bananas are yellow."),
+                 ("d4", "Document: none"), ("d5", "!!! shouting")]
+
+
+def _whole_prompts(model, tok, query, docs, fmt, max_new_tokens):
+    """Today's path before prefix sharing: every prompt prefilled whole, the label read where written."""
+    ids = label_token_ids(tok)
+    out = minirank.generate(model, [prompts.prompt_ids(tok, query, d, fmt) for _, d in docs], max_new_tokens=max_new_tokens,
+                            stop_strings=[prompts.STOP], tokenizer=tok, batch_size=16, watch_ids=ids)
+    return out, [expected_label(t, w, tok, ids) for t, w in zip(out.tokens, out.watched)]
+
+
+def test_shared_prefix_is_exact_across_the_tokenisation_boundary(smol):
+    import torch
+    model, tok = smol
+    query = "What is the capital of France?"
+    ps = [prompts.prompt_ids(tok, query, d, "explain") for _, d in BOUNDARY_DOCS]
+    n = rerank.shared_prefix(ps)
+    assert tok.decode(ps[0][:n]).endswith("Document:")  # instructions + question, shared
+    # "Document:\n" + "\n\nParis" tokenises as "\n\n", "\n": tokenising the text before the document on
+    # its own would give ids that are not the start of d2's prompt; the shared prefix stops before them
+    head = tok.render_chat(prompts.rerank_messages(query, "", "explain"), **prompts.CHAT_VARS).split("Document:\n")[0]
+    naive = tok.encode(head + "Document:\n", add_special_tokens=False)
+    assert ps[1][:len(naive)] != naive and ps[0][:len(naive)] == naive
+    whole, scores = _whole_prompts(model, tok, query, BOUNDARY_DOCS, "explain", 24)
+    shared = minirank.generate(model, [p[n:] for p in ps], prefix=ps[0][:n], max_new_tokens=24,
+                               stop_strings=[prompts.STOP], tokenizer=tok, batch_size=16, watch_ids=label_token_ids(tok))
+    assert shared.tokens == whole.tokens  # greedy tokens equal
+    for a, b in zip(shared.watched, whole.watched):
+        assert (torch.tensor(a).exp() - torch.tensor(b).exp()).abs().max() <= 1e-5
+    assert shared.stats["prefill_tokens"] == n + sum(len(p) - n for p in ps)
+    js = rerank.judge(model, tok, query, BOUNDARY_DOCS, max_new_tokens=24)
+    assert [j.text for j in js] == whole.texts
+    for j, s in zip(js, scores):
+        assert j.score == pytest.approx(s, abs=1e-5) if s is not None else j.score in (-1.0, 0.0, 1.0, 2.0)
+
+
+def test_label_format_scores_in_one_pass_like_decoding(smol, monkeypatch):
+    """--format label: the forced label prefix and one next-token distribution give today's score
+    wherever greedy decoding writes that prefix itself (<= 1e-5), with no decode step at all."""
+    model, tok = smol
+    query = "What is the capital of France?"
+    whole, scores = _whole_prompts(model, tok, query, BOUNDARY_DOCS, "label", 16)
+    calls = []
+    real = rerank.generate
+    monkeypatch.setattr(rerank, "generate", lambda m, p, **k: calls.append(real(m, p, **k)) or calls[-1])
+    js = rerank.judge(model, tok, query, BOUNDARY_DOCS, fmt="label")
+    assert calls[0].stats["decode_steps"] == 0
+    prefix = rerank.label_prefix_ids(tok)
+    written = [i for i, t in enumerate(whole.tokens) if t[:len(prefix)] == prefix]
+    assert written  # the test means something: the model writes the label line for some documents
+    for i in written:
+        assert js[i].score == pytest.approx(scores[i], abs=1e-5)
+    assert all(0 <= j.score <= 2 and j.text == f"Relevance Label: {j.label} ##" for j in js)
