@@ -3,6 +3,7 @@
     python train.py data --posts Posts.xml --out data/ --teacher-url URL --teacher-model NAME   # teacher labels
     python train.py sft  --model SPEC --data data/train.jsonl --val data/val.jsonl --out runs/sft  # distil
     python train.py grpo --model SPEC --adapter runs/sft/adapter --data data/train.jsonl --out runs/grpo  # refine
+    python train.py recipe --preset cpu-small --out runs/cpu   # all of it, evaluated on held-out sites
 
 `python train.py STAGE --help` lists every option of a stage with its default. Several GPUs:
 `torchrun --nproc-per-node N train.py sft ...` (and grpo).
@@ -11,7 +12,7 @@
 import importlib
 import sys
 
-STAGES = {"data": "minirank.datagen", "sft": "minirank.sft", "grpo": "minirank.grpo"}
+STAGES = {"data": "minirank.datagen", "sft": "minirank.sft", "grpo": "minirank.grpo", "recipe": "minirank.recipe"}
 
 
 def main(argv=None) -> int:

@@ -38,7 +38,10 @@ INSTRUCTIONS = {
 # served a different prompt on Tuesday: every render goes through these variables, which pin the date
 # to Llama 3's own default (26 Jul 2024). Passed to the template, they shadow the environment's globals.
 PINNED_DATE = datetime(2024, 7, 26)
-CHAT_VARS = {"strftime_now": PINNED_DATE.strftime, "date_string": PINNED_DATE.strftime("%d %b %Y")}
+# Qwen3's template opens a <think> block unless told otherwise: the judge writes its explanation in the
+# answer itself, so the template closes an empty block (other templates ignore the variable).
+CHAT_VARS = {"strftime_now": PINNED_DATE.strftime, "date_string": PINNED_DATE.strftime("%d %b %Y"),
+             "enable_thinking": False}
 
 _LABEL_RE = re.compile(re.escape(LABEL_PREFIX) + r"\s*([0-2])\b")
 
