@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .files import atomic_write, content_hash
+from .files import DataError, atomic_write, content_hash, read_json
 from .generate import generate
 from .prompts import LABEL_PREFIX, LABELS, MAX_DOC_CHARS, STOP, parse_label, prompt_hash, prompt_ids
 
@@ -175,6 +175,29 @@ def fuse(first_stage: dict[str, dict[str, float]], judged: dict[str, list[Judgem
         final = sorted(fs, key=lambda d: (-score[d], fs_rank[d]))
         out[qid] = {d: float(len(final) - r) for r, d in enumerate(final)}
     return out
+
+
+def bright_contamination(model_dir: str | Path, domain: str) -> str | None:
+    """Why a model must not be evaluated on BRIGHT `domain`, from the provenance.json that training
+    writes beside the weights; None when it may (or when there is no such file: not trained by us)."""
+    path = Path(model_dir) / "provenance.json"
+    if not path.is_file():
+        return None
+    prov = read_json(path, "a model's provenance (a JSON object)")
+    checks = prov.get("bright")
+    if not (isinstance(checks, dict) and isinstance(checks.get("checked"), bool)
+            and isinstance(checks.get("overlap") or {}, dict)):
+        raise DataError(f"{path}: field 'bright' must be an object with 'checked' (true or false) and "
+                        f"'overlap' ({{domain: count}}), got {str(checks)[:80]}")
+    overlap = checks.get("overlap") or {}
+    if overlap.get(domain, 0) > 0:
+        seen = ", ".join(f"{d} {n}" for d, n in sorted(overlap.items()) if n)
+        return (f"model {model_dir} was trained on data that overlaps BRIGHT {domain}: {overlap[domain]} records "
+                f"(all overlaps: {seen}; {path.name})")
+    if not checks["checked"] and prov.get("exclude_bright") is not True:
+        return (f"model {model_dir} was trained on data never checked against BRIGHT and not built with "
+                f"--exclude-bright ({path.name}): it may contain BRIGHT {domain}")
+    return None
 
 
 def prompt_fingerprint(tok, fmt: str = "explain") -> str:

