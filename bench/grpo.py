@@ -44,8 +44,9 @@ def bench_minirank(model_dir, recs, args, dtype, device):
     model, tok = minirank.load(model_dir, dtype=dtype, device=device)
     params = lora.add_lora(model, lora.LoRAConfig(args.lora_r, 2.0 * args.lora_r, 0.0, tuple(TARGETS)), seed=0)
     model.train()
-    cfg = grpo.GRPOConfig(data="-", out="-", format=args.format, group_size=args.G, prompts_per_step=len(recs),
-                          max_new_tokens=args.max_new_tokens, rollout_batch=len(recs) * args.G, lr=1e-5)
+    cfg = grpo.GRPOConfig(model=str(model_dir), data="-", out="-", format=args.format, group_size=args.G,
+                          prompts_per_step=len(recs), max_new_tokens=args.max_new_tokens,
+                          rollout_batch=len(recs) * args.G, lr=1e-5)
     fns = grpo.resolve_rewards("exact,format")
     opt = torch.optim.AdamW(params, lr=cfg.lr)
     times = []

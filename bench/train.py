@@ -105,7 +105,7 @@ def worker(a) -> dict:
             params = list(model.parameters())
         model.gradient_checkpointing = a.checkpointing
         model.train()
-        mb = sft.to_device(sft.collate([sft.Example(p, c, 0, "") for p, c in exs], packed=False), dev)
+        mb = sft.to_device(sft.collate([sft.Example(p, c, 0) for p, c in exs], packed=False), dev)
         n_t = len(mb["targets"])
 
         def step():

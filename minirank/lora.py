@@ -49,6 +49,9 @@ PRESETS = {
     "interank": LoRAConfig(64, 16, 0.1, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj")),
     # every linear layer of a block (what 2025 RL recipes use)
     "all": LoRAConfig(64, 16, 0.05, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
+    # GRPO's: every linear layer, a small rank, no dropout (dropout would make the trainer's policy
+    # differ from the sampler's, and the ratio pi/pi_old would no longer start at 1)
+    "rl": LoRAConfig(16, 32, 0.0, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
 }
 
 
@@ -196,9 +199,9 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str) -> Path:
+def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str, extra: dict | None = None) -> Path:
     """peft's layout (adapter_config.json + adapter_model.safetensors), written atomically: PeftModel.from_pretrained
-    and vLLM's LoRA loader read it unchanged."""
+    and vLLM's LoRA loader read it unchanged. extra: more keys for the config (peft ignores unknown ones)."""
     from safetensors.torch import save_file
 
     mods = lora_modules(model)
@@ -213,6 +216,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str) -> Path
         "use_rslora": cfg.rslora, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
         "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None,
         "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False, "revision": None,
+        **(extra or {}),
     }
     out = Path(out_dir)
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")

@@ -15,6 +15,7 @@ from minirank.grpo import (GRPOConfig, Group, Sample, clipped_objective, exact_r
                            group_advantages, group_logprobs, grpo_update, length_reward, loss_weights,
                            resolve_rewards, score_group)
 from minirank.model import ModelConfig, Transformer
+from minirank.training import UsageError
 
 # ----------------------------------------------------------------------------------------------
 # the objective vs a hand computation (plain Python floats, the clipping cases spelled out)
@@ -50,7 +51,7 @@ def hand_weights(agg):
     return w
 
 
-def hand_loss_and_grad(agg, beta, isw):
+def hand_loss_and_grad(agg, beta):
     W = hand_weights(agg)
     loss, grad = 0.0, [[0.0] * 4 for _ in range(3)]
     for i in range(3):
@@ -64,9 +65,8 @@ def hand_loss_and_grad(agg, beta, isw):
             else:
                 clipped_branch = r < 1 - EL
                 obj = (1 - EL) * A if clipped_branch else r * A
-            w_is = isw[i] if isw else 1.0
-            l = -obj * w_is
-            g = 0.0 if clipped_branch else -r * A * w_is  # d(-r A)/d logp = -r A
+            l = -obj
+            g = 0.0 if clipped_branch else -r * A  # d(-r A)/d logp = -r A
             if beta:
                 d = REF[i][t] - LOGP[i][t]
                 l += beta * (math.exp(d) - d - 1)
@@ -84,15 +84,13 @@ def test_ratios_cover_every_clipping_case():
 
 @pytest.mark.parametrize("agg", ["token", "sequence", "constant"])
 @pytest.mark.parametrize("beta", [0.0, 0.05])
-@pytest.mark.parametrize("isw", [None, [1.7, 0.6, 3.0]])
-def test_objective_equals_hand_computation(agg, beta, isw):
+def test_objective_equals_hand_computation(agg, beta):
     logp = torch.tensor(LOGP, dtype=torch.float64, requires_grad=True)
     w = loss_weights(torch.tensor(MASK), agg, MAXLEN).double()
     loss, st = clipped_objective(logp, torch.tensor(OLD, dtype=torch.float64), torch.tensor(ADV, dtype=torch.float64),
-                                 w, EL, EH, beta, torch.tensor(REF, dtype=torch.float64),
-                                 None if isw is None else torch.tensor(isw, dtype=torch.float64))
+                                 w, EL, EH, beta, torch.tensor(REF, dtype=torch.float64))
     loss.backward()
-    want, want_grad = hand_loss_and_grad(agg, beta, isw)
+    want, want_grad = hand_loss_and_grad(agg, beta)
     assert abs(loss.item() - want) <= 1e-6
     assert (logp.grad - torch.tensor(want_grad, dtype=torch.float64)).abs().max().item() <= 1e-6
     # the masked (truncated) row gets no gradient at all; padding neither
@@ -138,7 +136,7 @@ def test_group_advantages_by_hand():
 
 
 def cfg_(**kw):
-    return GRPOConfig(**{"data": "x", "out": "y", **kw})
+    return GRPOConfig(**{"model": "m", "data": "x", "out": "y", **kw})
 
 
 def test_draw_is_an_endless_stream_reshuffled_each_epoch_or_in_file_order():
@@ -169,7 +167,7 @@ def test_rewards_components_and_swapping():
     score_group(g, fns, cfg_(overlong="penalty", overlong_penalty=0.5))
     assert g.rewards.tolist() == pytest.approx([2.2, 1.5]) and g.components["overlong"].tolist() == [0, -0.5]
     for bad in ("nope", "math.nope", "json"):
-        with pytest.raises(ValueError, match="--reward"):
+        with pytest.raises(UsageError, match="--reward"):
             resolve_rewards(bad)
 
 
@@ -272,15 +270,23 @@ def test_smollm2_sampler_equals_trainer_and_mu1_ratios_are_one(smol):
     assert st["logprob_gap"] <= 1e-4 and abs(st["ratio_mean"] - 1) <= 1e-4
 
 
-def test_mu1_recomputed_old_logprobs_ratio_exactly_one():
+def test_temperature_scores_with_the_tempered_distribution_on_both_sides():
+    """T != 1: the sampler draws from softmax(logits / T); pi_old (the sampler's log-probs) and the trainer's
+    pi_theta must both be that distribution (TRL's choice), so at mu = 1 the ratio is 1 again."""
     model = tiny_qwen()
-    out = generate(model, [[3, 9, 14, 2], [5, 1, 8]], n=4, temperature=1.0, max_new_tokens=6, stop_ids=[11], seed=1)
-    groups = [Group({"label": 0}, p, out.tokens[i * 4:(i + 1) * 4], out.logprobs[i * 4:(i + 1) * 4], [""] * 4,
-                    out.finish_reasons[i * 4:(i + 1) * 4]) for i, p in enumerate([[3, 9, 14, 2], [5, 1, 8]])]
-    cfg = cfg_(group_size=4, max_new_tokens=6, overlong="keep", recompute_old_logprobs=True)
-    st = mu1_update(model, groups, cfg)
-    assert st["ratio_mean"] == 1.0 and st["clip_low"] == 0 and st["clip_high"] == 0  # trainer vs itself: exact
-    assert st["logprob_gap"] <= 1e-4  # sampler vs trainer, measured by the recomputation
+    cfg = cfg_(group_size=4, max_new_tokens=6, temperature=0.6, overlong="keep")
+    prompt = [3, 9, 14, 2]
+    out = generate(model, [prompt], n=4, temperature=0.6, max_new_tokens=6, stop_ids=[11], seed=2)
+    g = Group({"label": 0}, prompt, out.tokens, out.sample_logprobs, [""] * 4, out.finish_reasons)
+    lp, valid = group_logprobs(model, prompt, g.completions, temperature=0.6)
+    for i, c in enumerate(g.completions):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + c]))[0, len(prompt) - 1:-1].float() / 0.6
+        want = torch.log_softmax(logits, -1).gather(-1, torch.tensor(c)[:, None])[:, 0]
+        assert (lp[i, :len(c)] - want).abs().max() <= 1e-4
+        assert (torch.tensor(g.sampler_logprobs[i]) - want).abs().max() <= 1e-4
+    st = mu1_update(model, [g], cfg)
+    assert abs(st["ratio_mean"] - 1) <= 1e-4 and st["logprob_gap"] <= 1e-4
 
 
 # ----------------------------------------------------------------------------------------------
@@ -316,7 +322,7 @@ def tiny(tmp_path_factory, smol_dir):
 
 def test_from_sft_adapter_the_reference_is_that_adapter(tiny, tmp_path):
     import minirank
-    from minirank import grpo, lora
+    from minirank import lora, training
     # an "SFT adapter": random B, saved in peft's layout
     sft_model, tok = minirank.load(tiny)
     lora.add_lora(sft_model, lora.PRESETS["interank"], seed=1)
@@ -333,7 +339,8 @@ def test_from_sft_adapter_the_reference_is_that_adapter(tiny, tmp_path):
 
     cfg = cfg_(model=str(tiny), adapter=str(tmp_path / "sft" / "adapter"), lora_r=4, beta=0.1, format="label",
                group_size=3)
-    model, _, params, _ = grpo.build_model(cfg, torch.device("cpu"))
+    model, _, _, _ = training.load_model(cfg, torch.device("cpu"), cfg.adapter)
+    params = [p for p in model.parameters() if p.requires_grad]
     assert len(lora.lora_modules(model)) == 2 * 7  # only the fresh adapter (all linear layers of 2 blocks)
     with torch.no_grad():
         for m in lora.lora_modules(model).values():
@@ -370,15 +377,18 @@ def test_bad_input_is_one_line_exit_2(tiny, tmp_path, capsys):
     good = write_jsonl(tmp_path / "ok.jsonl", RECS)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(RECS[0]) + "\n" + json.dumps({**RECS[1], "label": 3}) + "\n")
-    for args, msg in ((["--data", tmp_path / "nope.jsonl"], "nope.jsonl: no such file"),
+    for args, msg in ((["--data", tmp_path / "nope.jsonl"], "data file not found: " + str(tmp_path / "nope.jsonl")),
                       (["--data", bad], "bad.jsonl:2: field 'label' must be one of [0, 1, 2], got 3"),
                       (["--data", good, "--reward", "exact,nonsense"], "--reward 'nonsense'"),
-                      (["--data", good, "--is-correction"], "needs --recompute-old-logprobs"),
+                      (["--data", good, "--lora", "none", "--beta", "0.1"], "--beta > 0 needs LoRA"),
+                      (["--data", good, "--lora", "none", "--lora-r", "4"], "conflicts with --lora-r"),
+                      (["--data", good, "--temperature", "0"], "--temperature 0.0: must be > 0"),
                       (["--data", good, "--loss-agg", "mean"], "invalid choice: 'mean'"),
                       (["--data", good, "--group-size", "1"], "--group-size must be >= 2")):
         assert grpo.main(["--model", tiny, "--out", tmp_path / "o", *args]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("train.py grpo: ") and msg in err and "\n" not in err, err
+        assert not (tmp_path / "o").exists()
 
 
 def parity_reward_module(tmp_path):
@@ -396,8 +406,8 @@ def test_sigkill_then_resume_gives_the_same_run(tiny, tmp_path):
     from safetensors.torch import load_file
     data = write_jsonl(tmp_path / "d.jsonl", RECS * 3)
     args = ["--model", tiny, "--data", data, "--format", "label", "--group-size", "4", "--prompts-per-step", "2",
-            "--max-new-tokens", "6", "--steps", "6", "--save-every", "2", "--lr", "1e-2", "--lora-r", "4",
-            "--reward", f"{parity_reward_module(tmp_path)},format", "--overlong", "keep", "--no-plot", "--seed", "3"]
+            "--max-new-tokens", "6", "--max-steps", "6", "--save-every", "2", "--lr", "1e-2", "--lora-r", "4",
+            "--reward", f"{parity_reward_module(tmp_path)},format", "--overlong", "keep", "--seed", "3"]
     cmd = lambda out: [sys.executable, str(ROOT / "train.py"), "grpo", *map(str, args), "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}", "OMP_NUM_THREADS": "1"}
     ref = subprocess.run(cmd(tmp_path / "ref"), env=env, capture_output=True, text=True)
@@ -425,6 +435,45 @@ def test_sigkill_then_resume_gives_the_same_run(tiny, tmp_path):
     assert (tmp_path / "ref" / "final" / "model.safetensors").is_file()
 
 
+def test_bf16_full_fine_tuning_keeps_fp32_master_weights(tiny):
+    """--lora none --dtype bfloat16: the weights the optimizer updates are fp32 (the trainer computes under
+    bf16 autocast); in bf16 weights most small updates round away (measured: 29% of entries moved)."""
+    import minirank
+    from minirank import grpo, training
+    cfg = cfg_(model=str(tiny), lora="none", dtype="bfloat16", format="label", group_size=4, max_new_tokens=4,
+               lr=1e-5)
+    model, tok, amp, _ = training.load_model(cfg, torch.device("cpu"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert params and all(p.dtype == torch.float32 for p in params)
+    groups = grpo.rollout(model, tok, RECS, cfg, {"parity": lambda s, c: float(sum(s.tokens) % 2)}, seed=1)
+    for g in groups:
+        g.rewards = torch.arange(4.0)
+    before = [p.detach().clone() for p in params]
+    opt = training.make_optimizer(model.named_parameters(), cfg.lr)
+    grpo.grpo_update(model, groups, opt, params, cfg, amp=amp)
+    moved = [(p != b) for p, b in zip(params, before) if p.grad is not None and p.grad.abs().sum() > 0 and p.ndim > 1]
+    assert sum(int(m.sum()) for m in moved) / sum(m.numel() for m in moved) > 0.9
+    base, _ = minirank.load(tiny)
+    assert all(p.dtype == torch.float32 for p in base.parameters())
+
+
+def test_throughput_counts_each_update_once(tiny, tmp_path, monkeypatch):
+    """mu = 2: the trainer sees each completion token twice, and train_tok_s says exactly that (it once
+    multiplied an already mu-fold count by mu again)."""
+    from minirank import grpo
+    monkeypatch.syspath_prepend(str(tmp_path))
+    data = write_jsonl(tmp_path / "d.jsonl", RECS * 2)
+    assert grpo.main(["--model", tiny, "--data", data, "--out", tmp_path / "o", "--format", "label", "--group-size", 4,
+                      "--prompts-per-step", 2, "--max-new-tokens", 4, "--max-steps", 2, "--updates-per-rollout", 2,
+                      "--reward", f"{parity_reward_module(tmp_path)}", "--no-eval-first", "--no-progress"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        sampled = r["sample_tok_s"] * r["sample_s"]
+        assert r["trained_tokens"] <= 2 * sampled + 1e-6
+        assert r["train_tok_s"] * r["train_s"] == pytest.approx(r["trained_tokens"])
+    assert any(r["trained_tokens"] > 0 for r in rows)
+
+
 def test_eval_rerank_scores_the_demo_set_with_the_trained_format(tiny, tmp_path):
     """--eval-rerank: rerank.py's inputs, reranked with the current policy, scored by minirank.metrics."""
     import minirank
@@ -438,7 +487,7 @@ def test_eval_rerank_scores_the_demo_set_with_the_trained_format(tiny, tmp_path)
     assert 0 <= m["val_ndcg10"] <= 1
     judged = [json.loads(line) for line in (tmp_path / "j.jsonl").read_text().splitlines()]
     assert len(judged) == len(rr["run"]) and all(len(j["judgements"]) == 2 for j in judged)
-    with pytest.raises(ValueError, match="missing"):
+    with pytest.raises(UsageError, match="missing"):
         grpo.load_rerank_set(str(tmp_path))
 
 
@@ -490,8 +539,8 @@ def _ddp_step(case, groups, rank=0, world=1):
     from minirank import training
     model = tiny_qwen(seed=3)
     model.train()
-    cfg = GRPOConfig(loss_agg=case["loss_agg"], scale_rewards=case["scale_rewards"], updates_per_rollout=case["mu"],
-                     max_new_tokens=6, group_size=4)
+    cfg = cfg_(loss_agg=case["loss_agg"], scale_rewards=case["scale_rewards"], updates_per_rollout=case["mu"],
+               max_new_tokens=6, group_size=4, overlong="mask")
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=1e-2, eps=1.0)  # eps 1: the update carries the gradient's value
     hooks = {}

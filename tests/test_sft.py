@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 import minirank
-from minirank import lora, prompts, sft
+from minirank import files, lora, prompts, sft
 
 transformers = pytest.importorskip("transformers")
 
@@ -77,8 +77,8 @@ def run_sft(*args) -> int:
 def test_bad_records_name_file_and_line(tiny, tmp_path, capsys):
     good = synthetic(3)
     cases = [({"query": "q", "document": "d", "label": 1}, "'explanation' is missing"),
-             ({**good[0], "label": 3}, "label must be one of"),
-             ({**good[0], "label": True}, "label must be one of"),
+             ({**good[0], "label": 3}, "'label' must be one of"),
+             ({**good[0], "label": True}, "'label' must be one of"),
              ({**good[0], "document": "  "}, "'document' is empty")]
     for bad, msg in cases:
         data = tmp_path / "d.jsonl"
@@ -87,20 +87,26 @@ def test_bad_records_name_file_and_line(tiny, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("train.py sft: ") and f"{data}:2: " in err and msg in err and "\n" not in err
         shutil.rmtree(tmp_path / "o", ignore_errors=True)
-    data.write_text(json.dumps(good[0]) + "\n{not json\n")
+    # malformed JSON names the file's own line (a blank line 2 counts), not the line inside the record
+    data.write_text(json.dumps(good[0]) + "\n\n{not json\n")
     assert run_sft("--model", tiny, "--data", data, "--out", tmp_path / "o", "--max-steps", 1) == 2
-    assert f"{data}:2: " in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{data}:3: not valid JSON (Expecting property name enclosed in double quotes, column 2)" in err
+    assert not (tmp_path / "o").exists()  # a failed start records nothing: the corrected command is not refused
     # --skip-bad: counted and reported, the rest trains
     tok = minirank.Tokenizer.from_dir(tiny)
     cfg = sft.SFTConfig(model=str(tiny), data=str(data), out="x", skip_bad=True)
     notes = []
-    assert len(sft.load_examples(data, tok, cfg, notes.append)) == 1 and "1 bad records skipped" in notes[0]
+    assert len(sft.load_examples(data, tok, cfg, notes.append)[0]) == 1 and "1 bad records skipped" in notes[0]
 
 
 def test_bad_input_is_one_line_exit_2(tiny, tmp_path, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", synthetic(4))
-    for args, msg in [(["--model", tmp_path / "nope", "--data", data], "unknown model spec"),
-                      (["--model", tiny, "--data", tmp_path / "missing.jsonl"], "no such data file"),
+    for args, msg in [(["--model", tmp_path / "nope", "--data", data], "--model"),
+                      (["--model", tiny, "--data", tmp_path / "missing.jsonl"], "data file not found"),
+                      (["--model", tiny, "--data", tmp_path], "is a directory, not a file"),
+                      (["--model", tiny, "--data", data, "--lora", "none", "--lora-r", 8], "conflicts with --lora-r"),
+                      (["--model", tiny, "--data", data, "--lora-r", 0], "full fine-tuning is --lora none"),
                       (["--model", tiny, "--data", data, "--max-len", 40], "all 4 examples are longer than --max-len 40"),
                       (["--model", tiny, "--data", data, "--lr", "fast"], "invalid float value"),
                       (["--model", tiny, "--data", data, "--batch-size", 0], "--batch-size 0")]:
@@ -108,13 +114,24 @@ def test_bad_input_is_one_line_exit_2(tiny, tmp_path, capsys):
         assert run_sft(*args, "--out", tmp_path / "o", "--max-steps", 1) == 2
         err = capsys.readouterr().err.strip()
         assert msg in err and "\n" not in err and "Traceback" not in err, err
+        assert not (tmp_path / "o" / "run.json").exists()
     # a finished run refuses other settings, accepts the same command (nothing left to do)
-    base = ["--model", tiny, "--data", data, "--out", tmp_path / "run", "--max-steps", 1, "--batch-size", 2, "--no-progress"]
-    assert run_sft(*base) == 0
-    assert run_sft(*base, "--lr", 1e-3) == 2
+    base = ["--model", tiny, "--data", data, "--out", tmp_path / "run", "--batch-size", 2, "--no-progress",
+            "--save-every", 0, "--no-eval-first"]  # --save-every 0: only at the end (it divided by zero once)
+    assert run_sft(*base, "--max-steps", 1) == 0
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-1"]
+    assert run_sft(*base, "--max-steps", 1, "--lr", 1e-3) == 2
     assert "holds a job with other settings: lr differ (lr: 0.0002 -> 0.001)" in capsys.readouterr().err
-    assert run_sft(*base) == 0 and "already complete" in capsys.readouterr().out
-    assert run_sft(*base[:5], tmp_path / "fresh", "--resume") == 2
+    assert run_sft(*base, "--max-steps", 1) == 0 and "already complete" in capsys.readouterr().out
+    # a finished constant-lr run is extended by raising --max-steps; a cosine one says why it cannot be
+    assert run_sft(*base, "--max-steps", 3) == 0 and "resumed from" in capsys.readouterr().out
+    assert [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    cos = ["--model", tiny, "--data", data, "--out", tmp_path / "cos", "--batch-size", 2, "--schedule", "cosine"]
+    assert run_sft(*cos, "--max-steps", 1) == 0 and run_sft(*cos, "--max-steps", 2) == 2
+    assert "cosine schedule, whose lr depends on the total" in capsys.readouterr().err
+    # the data file's content is part of the settings: an edited file is not silently resumed
+    data.write_text(data.read_text().replace("coffee", "tea", 1))
+    assert run_sft(*base, "--max-steps", 3) == 2 and "files differ" in capsys.readouterr().err
 
 
 def test_truncation_cuts_the_document_never_the_target(tiny):
@@ -122,14 +139,14 @@ def test_truncation_cuts_the_document_never_the_target(tiny):
     r = dict(query="how fine should I grind for espresso?", document="crema " * 400, explanation="Too long.", label=1)
     target = prompts.completion_ids(tok, r["explanation"], 1)
     full = prompts.prompt_ids(tok, r["query"], r["document"])
-    ex, how = sft.encode(tok, "f:1", r, "explain", 200, "document")
+    ex, how = sft.encode(tok, r, "explain", 200, "document")
     assert how == "cut" and ex.target == target and len(ex.prompt) + len(ex.target) <= 200
     assert len(ex.prompt) + len(ex.target) >= 198  # as much document as fits
     # the cut prompt is the same template with a shorter document, not a token slice of the long one
     assert tok.decode(ex.prompt).endswith(tok.decode(full[-5:]))
-    assert sft.encode(tok, "f:1", r, "explain", 200, "drop") == (None, "dropped")
-    assert sft.encode(tok, "f:1", r, "explain", 60, "document") == (None, "dropped")  # query + target alone too long
-    short = sft.encode(tok, "f:1", r, "label", 4000, "document")[0]
+    assert sft.encode(tok, r, "explain", 200, "drop") == (None, "dropped")
+    assert sft.encode(tok, r, "explain", 60, "document") == (None, "dropped")  # query + target alone too long
+    short = sft.encode(tok, r, "label", 4000, "document")[0]
     assert tok.decode(short.target).startswith("Relevance Label: 1 ##")
 
 
@@ -154,7 +171,7 @@ def test_pinned_date_llama32_template(tiny, monkeypatch):
 
 def test_micro_batches_and_packing_layout(tiny):
     tok = minirank.Tokenizer.from_dir(tiny)
-    exs = [sft.encode(tok, f"f:{i}", r, "explain", 4096, "document")[0] for i, r in enumerate(synthetic(9))]
+    exs = [sft.encode(tok, r, "explain", 4096, "document")[0] for r in synthetic(9)]
     budget = 2 * max(map(len, exs))
     for packing in (False, True):
         mbs = sft.micro_batches(exs, budget, packing)
@@ -183,7 +200,7 @@ def real_batch(smol_dir):
     model, tok = minirank.load(smol_dir)
     recs = coffee_examples(3)
     recs[1]["label"], recs[1]["explanation"] = 0, "Not about this question."
-    exs = [sft.encode(tok, f"coffee:{i}", r, "explain", 4096, "document")[0] for i, r in enumerate(recs)]
+    exs = [sft.encode(tok, r, "explain", 4096, "document")[0] for r in recs]
     return model, tok, exs
 
 
@@ -247,7 +264,7 @@ def test_accumulation_and_ddp_give_one_big_batch_update(tiny, tmp_path):
     # lr 1, eps 1: Adam's first step becomes g/(|g|+1), so the update carries the gradient's value
     # (with eps 1e-8 it would be sign(g), hiding gradient differences)
     common = ["--model", tiny, "--data", data, "--batch-size", 8, "--max-steps", 1, "--lora", "none", "--lr", 1,
-              "--eps", 1, "--grad-clip", 0, "--no-progress"]
+              "--adam-eps", 1, "--grad-clip", 0, "--no-progress"]
     assert run_sft(*common, "--out", tmp_path / "one") == 0
     assert run_sft(*common, "--out", tmp_path / "acc", "--micro-batch-size", 2) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -291,6 +308,77 @@ def test_sigkill_then_resume_is_bitwise_identical(tiny, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_ddp_resume_restores_every_ranks_rng(tiny, tmp_path):
+    """2 gloo ranks with LoRA dropout: resuming from the step-2 checkpoint of a 4-step run gives that run
+    bitwise. Each rank's dropout stream continues from its own saved RNG state (once rank 0's was put on
+    every rank)."""
+    data = write_jsonl(tmp_path / "d.jsonl", synthetic(16, seed=5))
+    args = ["--model", tiny, "--data", data, "--batch-size", 4, "--max-steps", 4, "--save-every", 2, "--lr", 3e-3,
+            "--lora-r", 4, "--lora-dropout", 0.3, "--keep-checkpoints", 0, "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    run = lambda out: subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                                      "2", str(ROOT / "train.py"), "sft", *map(str, args), "--out", str(out)],
+                                     env=env, capture_output=True, text=True, timeout=300)
+    p = run(tmp_path / "ref")
+    assert p.returncode == 0, p.stderr[-3000:]
+    cut = tmp_path / "cut"  # the same run, stopped after its step-2 checkpoint
+    (cut / "checkpoints").mkdir(parents=True)
+    shutil.copy(tmp_path / "ref" / "run.json", cut / "run.json")
+    shutil.copytree(tmp_path / "ref" / "checkpoints" / "step-2", cut / "checkpoints" / "step-2")
+    p = run(cut)
+    assert p.returncode == 0 and "resumed from" in p.stdout, p.stderr[-3000:]
+    a = load_file(str(tmp_path / "ref" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(cut / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ctrl_c_is_one_line_exit_130_and_keeps_the_checkpoint(tiny, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", synthetic(8, seed=6))
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "train.py"), "sft", "--model", str(tiny), "--data", str(data), "--out", str(out),
+           "--batch-size", "2", "--max-steps", "100000", "--save-every", "2", "--no-progress"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "checkpoints" / "step-2").is_dir():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert re.fullmatch(r"train\.py sft: interrupted at step \d+ \(last checkpoint: step-\d+\); rerun the same "
+                        r"command to resume\n", err), err
+    assert (out / "checkpoints" / "step-2" / "state.json").is_file()
+
+
+def test_provenance_goes_with_the_model(tiny, tmp_path, monkeypatch):
+    """run.json, final/, adapter/ (and the adapter's config, which peft still loads) record the data and its
+    BRIGHT overlap; GRPO from that adapter adds its own data and overlap to it."""
+    from minirank import bright, grpo
+    overlaps = iter([{"biology": 2}, {"biology": 1, "pony": 1}])
+    monkeypatch.setattr(bright, "data_overlap", lambda pairs, bright_dir=None: {
+        "checked": bool(list(pairs)), "source": "/bright", "overlap": next(overlaps)})
+    (tmp_path / "data").mkdir()
+    data = write_jsonl(tmp_path / "data" / "train.jsonl", synthetic(4, seed=7))
+    (tmp_path / "data" / "settings.json").write_text(json.dumps({"exclude_bright": "/bright"}))
+    assert run_sft("--model", tiny, "--data", data, "--out", tmp_path / "sft", "--max-steps", 1, "--batch-size", 2,
+                   "--lora-r", 4, "--no-progress") == 0
+    want = {"data": [{"path": str(data.resolve()), "size": data.stat().st_size, "sha256": files.sha256_file(data)}],
+            "bright": {"checked": True, "source": "/bright", "overlap": {"biology": 2}}, "exclude_bright": True}
+    assert json.loads((tmp_path / "sft" / "run.json").read_text())["provenance"] == want
+    for f in ("final/provenance.json", "adapter/provenance.json"):
+        assert json.loads((tmp_path / "sft" / f).read_text()) == want
+    assert json.loads((tmp_path / "sft" / "adapter" / "adapter_config.json").read_text())["minirank_provenance"] == want
+    peft = pytest.importorskip("peft")
+    peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(tiny), tmp_path / "sft" / "adapter")
+    g_data = write_jsonl(tmp_path / "g.jsonl", synthetic(2, seed=8))
+    assert grpo.main(["--model", tiny, "--adapter", tmp_path / "sft" / "adapter", "--data", g_data, "--out",
+                      tmp_path / "grpo", "--max-steps", 1, "--prompts-per-step", 1, "--group-size", 2,
+                      "--max-new-tokens", 2, "--format", "label", "--no-eval-first", "--no-progress"]) == 0
+    merged = json.loads((tmp_path / "grpo" / "final" / "provenance.json").read_text())
+    assert [d["path"] for d in merged["data"]] == [str(data.resolve()), str(g_data.resolve())]
+    assert merged["bright"]["overlap"] == {"biology": 3, "pony": 1} and merged["exclude_bright"] is None
+
+
 def _trained(base_dir: Path, run: Path, lora_cfg=None):
     """The trained model as training left it: the base plus the last checkpoint's trainable tensors."""
     model, _ = minirank.load(base_dir)
@@ -324,7 +412,7 @@ def test_it_learns(smol_dir, tmp_path):
     assert train[0] > 5 and train[-1] < 0.05 and val["val_loss"] < 0.05, (train[::10], val)
     # greedy decoding writes the memorised labels (chance: 1/3; a near-tie on one example's first token
     # can still flip at this loss, so 7 of 8 is accepted)
-    assert val["val_acc"] >= 7 / 8 and val["val_unparseable"] == 0.0 and val["val_expl_words"] >= 6
+    assert val["val_accuracy"] >= 7 / 8 and val["val_parse_rate"] == 1.0 and val["val_len_mean"] >= 10
     ids = torch.tensor([prompts.prompt_ids(minirank.Tokenizer.from_dir(base), "espresso grind?", "coffee water")])
     with torch.no_grad():
         ours = _trained(base, out)(ids)
