@@ -78,7 +78,7 @@ def cpu(args):
     lens = [len(prompt_ids(tok, q, d)) for q, ds in work for _, d in ds]
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {SMOL.name} fp32; {args.queries} queries x "
           f"{args.docs} documents, prompts {min(lens)}-{max(lens)} tokens (mean {sum(lens) / len(lens):.0f})")
-    print(f"{'format':<8} {'ours docs/s':>11} {'hf docs/s':>10} {'ratio':>7} {'ours s':>8} {'hf s':>8}  agreement")
+    print(f"{'format':<8} {'ours docs/s':>11} {'hf docs/s':>10} {'ratio':>7} {'ours s':>8} {'hf s':>8}  same judgements")
     eos = sorted(tok.stop_ids)
     for fmt, budget in (("explain", args.new_tokens), ("label", 16)):
         prompts = [prompt_ids(tok, q, d, fmt) for q, ds in work for _, d in ds]
