@@ -48,7 +48,8 @@ def tiny_sets(model: Path, sites: Path, grpo_steps=2) -> list[str]:
     sets = {"model": str(model), "sites_dir": str(sites), "eval_sites": ["site2"],
             "data.max_docs": 2, "data.negatives": 1, "data.val_fraction": 0.3,
             "sft.max_steps": 3, "sft.batch_size": 4, "sft.save_every": 1, "sft.val_limit": 4,
-            "grpo.steps": grpo_steps, "grpo.prompts_per_step": 2, "grpo.group_size": 2, "grpo.max_new_tokens": 8,
+            "sft.val_max_new_tokens": 4,
+            "grpo.max_steps": grpo_steps, "grpo.prompts_per_step": 2, "grpo.group_size": 2, "grpo.max_new_tokens": 8,
             "grpo.save_every": 1, "grpo.val_limit": 4, "grpo.lora_r": 4,
             "eval.k": [3, 5], "eval.fuse": "linear:0.5", "eval.batch_size": 4}
     out = []
