@@ -220,37 +220,6 @@ def train_step(model, params, optimizer, mbs: list[dict], n_targets: int, lr: fl
     return {"loss": loss_sum.item(), "grad_norm": gnorm.item()}
 
 
-# ---------------------------------------------------------------- the loss and one optimizer step
-
-def target_logprobs(model, mb: dict) -> torch.Tensor:
-    """log p(target token) at every target position of a micro-batch, [n_targets] fp32."""
-    h = model.hidden(mb["ids"], mb["positions"], mb["mask"])  # [B, T, H]
-    h = h[mb["rows"], mb["cols"]]  # only the positions that carry loss: [n_targets, H]
-    return model.token_logprobs(h, mb["targets"])
-
-
-def train_step(model, params, optimizer, mbs: list[dict], n_targets: int, lr: float, cfg: SFTConfig, amp) -> dict:
-    """One optimizer step over this process's micro-batches. n_targets: target tokens of the WHOLE step
-    (every micro-batch of every process), so sum_i(-log p_i) / n_targets summed over micro-batches and
-    processes is exactly one big batch's mean loss."""
-    for g in optimizer.param_groups:
-        g["lr"] = lr
-    loss_sum = torch.zeros((), device=params[0].device)
-    for mb in mbs:
-        with amp:
-            logp = target_logprobs(model, mb)
-        loss = -logp.sum() / n_targets
-        loss.backward()  # gradients accumulate in .grad across micro-batches
-        loss_sum += loss.detach()
-    T.all_reduce_grads(params)  # DDP: sum over processes (each already divided by the global count)
-    if T.dist.is_initialized():
-        T.dist.all_reduce(loss_sum)
-    gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return {"loss": loss_sum.item(), "grad_norm": gnorm.item()}
-
-
 @torch.no_grad()
 def evaluate(model, tok, val: list[Example], cfg: SFTConfig, device, amp) -> dict:
     """Completion loss and greedy label evaluation (training.evaluate_labels) on the validation examples."""

@@ -142,61 +142,52 @@ def _field_type(tp):
 def parse_config(cls, argv, prog: str, description: str = ""):
     """argparse from a config dataclass: one --flag-name per field (help from field metadata, with the
     default or "(required)"), bools as --x/--no-x, choices from metadata. --config FILE.json supplies
-    values first; every flag on the command line, abbreviated or not, overrides it."""
+    values as flags placed first, so argparse checks them and every flag on the command line, abbreviated
+    or not, overrides them."""
     hints = typing.get_type_hints(cls)
-    # SUPPRESS: the namespace then holds exactly the flags given, however they were spelled
-    p = _Parser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
+    p = _Parser(prog=prog, description=description)
     p.add_argument("--config", metavar="FILE.json", help="read option values from a JSON object (flags override it)")
     fields = [f for f in dataclasses.fields(cls) if f.init]
     for f in fields:
         tp, _ = _field_type(hints[f.name])
         req = f.default is dataclasses.MISSING
         text = f.metadata.get("help", "") + (" (required)" if req else f" (default: {f.default})")
-        kw = dict(dest=f.name, help=text.strip().replace("%", "%%"))
+        kw = dict(dest=f.name, default=None if req else f.default, help=text.strip().replace("%", "%%"))
         if tp is bool:
             p.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, **kw)
         elif "choices" in f.metadata:
             p.add_argument(flag(f.name), type=tp, choices=f.metadata["choices"], **kw)
         else:
             p.add_argument(flag(f.name), type=tp, metavar=tp.__name__.upper(), **kw)
-    given = vars(p.parse_args([str(a) for a in argv]))
-    values = {}
-    if "config" in given:
-        values = _config_file(Path(given.pop("config")), {f.name: hints[f.name] for f in fields})
-    values.update(given)
+    argv = [str(a) for a in argv]
+    path = p.parse_known_args(argv)[0].config
+    args = vars(p.parse_args(_config_flags(Path(path), fields, hints) + argv if path else argv))
     for f in fields:
-        if f.default is dataclasses.MISSING and values.get(f.name) is None:
+        if f.default is dataclasses.MISSING and args[f.name] is None:
             raise UsageError(f"{flag(f.name)} is required")
-    return cls(**values)
+    return cls(**{f.name: args[f.name] for f in fields})
 
 
-def _config_file(path: Path, types_: dict) -> dict:
-    """Option values from --config FILE.json, each checked as argparse checks a flag."""
+def _config_flags(path: Path, fields, hints) -> list[str]:
+    """--config FILE.json as the flags it stands for."""
     if not path.is_file():
         raise UsageError(f"--config {path}: no such file")
     try:
-        raw = read_json(path, "a JSON object of option values")
+        values = read_json(path, "a JSON object of option values")
     except DataError as e:
         raise UsageError(f"--config: {e}") from None
-    out = {}
-    for k, v in raw.items():
+    types_ = {f.name: _field_type(hints[f.name])[0] for f in fields}
+    out = []
+    for k, v in values.items():
         name = k.replace("-", "_")
         if name not in types_:
             raise UsageError(f"--config {path}: unknown option {k!r}")
-        tp, optional = _field_type(types_[name])
-        if v is None and optional:
-            out[name] = None
-        elif tp is bool:
+        if types_[name] is bool:
             if not isinstance(v, bool):
                 raise UsageError(f"{flag(name)}: expected true or false, got {v!r}")
-            out[name] = v
-        else:
-            try:
-                if isinstance(v, bool) or (tp is int and isinstance(v, float) and not v.is_integer()):
-                    raise ValueError
-                out[name] = tp(v)
-            except (TypeError, ValueError):
-                raise UsageError(f"{flag(name)}: invalid {tp.__name__} value {v!r}") from None
+            out.append(flag(name) if v else "--no-" + flag(name)[2:])
+        elif v is not None:  # null: the default
+            out += [flag(name), str(v)]
     return out
 
 
@@ -559,10 +550,12 @@ class MetricsLog:
         self.enabled = enabled
 
     def truncate_after(self, step: int) -> None:
-        """Resuming from `step`: drop lines of steps the killed run logged past its last checkpoint."""
+        """Resuming from `step` (0: no checkpoint, a fresh start): drop lines of steps the killed run
+        logged past its last checkpoint."""
         if not (self.enabled and self.path.is_file()):
             return
-        keep = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        keep = [line for line in self.path.read_text().splitlines()
+                if step and line.strip() and json.loads(line)["step"] <= step]
         files.atomic_write(self.path, "".join(line + "\n" for line in keep))
 
     def log(self, step: int, **metrics) -> None:
@@ -719,8 +712,8 @@ def begin(run: Run, settings: dict, total: int, records: list[dict], model, opti
     if (ck := latest_checkpoint(run.out)) is not None:
         run.state = load_checkpoint(ck, model, optimizer, run.rank)
         run.start = run.state["step"]
-        run.metrics.truncate_after(run.start)
         run.log(f"resumed from {ck} (step {run.start} of {total})")
+    run.metrics.truncate_after(run.start)
     return gather(recorded.get("provenance"))[0]
 
 

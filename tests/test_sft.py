@@ -103,6 +103,7 @@ def test_bad_records_name_file_and_line(tiny, tmp_path, capsys):
 def test_bad_input_is_one_line_exit_2(tiny, tmp_path, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", synthetic(4))
     for args, msg in [(["--model", tmp_path / "nope", "--data", data], "--model"),
+                      (["--model", "runs/sftt", "--data", data], "no such local directory 'runs/sftt'"),
                       (["--model", tiny, "--data", tmp_path / "missing.jsonl"], "data file not found"),
                       (["--model", tiny, "--data", tmp_path], "is a directory, not a file"),
                       (["--model", tiny, "--data", data, "--lora", "none", "--lora-r", 8], "conflicts with --lora-r"),

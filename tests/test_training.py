@@ -205,6 +205,10 @@ def test_metrics_log_truncates_on_resume(tmp_path):
     log.log(4, val_loss=0.5)
     log.truncate_after(2)
     assert [r["step"] for r in log.read()] == [1, 2]
+    log.truncate_after(0)  # killed before its first checkpoint: the rerun starts afresh
+    assert log.read() == []
+    for s in (1, 2):
+        log.log(s, loss=1.0 / s)
     T.MetricsLog(tmp_path, enabled=False).log(9, loss=0)
     assert len(log.read()) == 2
     pytest.importorskip("matplotlib")
