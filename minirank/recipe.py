@@ -248,7 +248,7 @@ def stage_train(s: dict, out: Path, name: str) -> str:
     last = {}
     for line in open(out / name / "metrics.jsonl"):
         last.update(json.loads(line))
-    shown = {k: last[k] for k in ("loss", "reward", "val_loss", "val_accuracy", "val_acc") if k in last}
+    shown = {k: last[k] for k in ("loss", "reward_mean", "val_loss", "val_accuracy") if k in last}
     return f"{last.get('step', 0)} steps" + "".join(f", {k} {v:.3g}" for k, v in shown.items())
 
 
@@ -334,7 +334,7 @@ def stage_eval(s: dict, out: Path) -> dict:
 
 def _curves(out: Path) -> dict:
     """{stage: {metric: [(step, value)]}} of the training stages' metrics.jsonl (the numbers the figure draws)."""
-    keep = ("loss", "val_loss", "val_accuracy", "val_acc", "reward", "val_reward")
+    keep = ("loss", "val_loss", "val_accuracy", "reward_mean", "val_reward", "val_auc")
     curves = {}
     for stage in ("sft", "grpo"):
         p = out / stage / "metrics.jsonl"
@@ -394,9 +394,9 @@ def _plot(curves: dict, path: Path) -> None:
     except ImportError:
         print(f"(no {path.name}: matplotlib is missing; pip install -e '.[plot]' and rerun to draw it)")
         return
-    panels = [("loss", ("sft", "loss"), ("sft", "val_loss")), ("reward", ("grpo", "reward"), ("grpo", "val_reward")),
-              ("validation accuracy", ("sft", "val_accuracy"), ("sft", "val_acc"), ("grpo", "val_accuracy"),
-               ("grpo", "val_acc"))]
+    panels = [("loss", ("sft", "loss"), ("sft", "val_loss")),
+              ("reward", ("grpo", "reward_mean"), ("grpo", "val_reward")),
+              ("validation accuracy", ("sft", "val_accuracy"), ("grpo", "val_accuracy"))]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
     for ax, (title, *series) in zip(axes, panels):
         for stage, key in series:

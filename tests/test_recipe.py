@@ -92,7 +92,10 @@ def test_interank_3b_dry_run_prints_every_stage(tmp_path, capsys):
     sft = next(c for c in cmds if c.startswith("python train.py sft"))
     assert "--lora interank --lora-r 64 --lora-alpha 16 --lr 0.0002" in sft and "--format explain" in sft
     assert any(c.startswith("python train.py grpo") and "--adapter" in c for c in cmds)
-    assert sum(c.startswith("python rerank.py") for c in cmds) == 2 * 3  # 2 held-out sites x base, sft, grpo
+    assert any(c.startswith("python train.py sft") and "--format label" in c and "/sft-label" in c for c in cmds)
+    rr = [c for c in cmds if c.startswith("python rerank.py")]
+    # (2 held-out sites + 7 BRIGHT StackExchange domains) x (base, sft, sft-label, grpo)
+    assert len(rr) == (2 + 7) * 4 and sum("--bright biology" in c for c in rr) == 4
     assert not (tmp_path / "r").exists()  # a dry run writes nothing
 
 
