@@ -252,12 +252,18 @@ def stage_train(s: dict, out: Path, name: str) -> str:
     return f"{last.get('step', 0)} steps" + "".join(f", {k} {v:.3g}" for k, v in shown.items())
 
 
-def site_task(s: dict, site: str, d: Path) -> tuple[dict, dict, dict, dict]:
+def site_task(s: dict, site: str, d: Path, val: bool = False) -> tuple[dict, dict, dict, dict, dict]:
     """The evaluation task of one held-out site (stackexchange.eval_task) and its first stage: our BM25
-    over all the site's answers, top max(k). Written to d (rerank.py's inputs) for anyone to rerun."""
+    over all the site's answers, top max(k). Written to d (rerank.py's inputs) for anyone to rerun.
+    val: a training site's validation questions instead (the split `train.py data` held out), where
+    recipes are compared; eval.max_queries keeps the first N queries of a site."""
     from . import bm25
+    from .datagen import is_val
     from .stackexchange import eval_task
     queries, docs, qrels = eval_task(site_posts(s["sites_dir"], site))
+    if val:
+        queries = {q: t for q, t in queries.items() if is_val(q, s["data"].get("val_fraction", 0.05))}
+    queries = dict(list(queries.items())[: s["eval"].get("max_queries") or None])
     run = bm25.search(bm25.build_index(list(docs.values()), list(docs)), queries, k=max(s["eval"]["k"]))
     d.mkdir(parents=True, exist_ok=True)
     atomic_write(d / "queries.jsonl", "".join(json.dumps({"id": q, "text": t}) + "\n" for q, t in queries.items()))
@@ -292,13 +298,13 @@ def _evaluate(run, qrels, excluded) -> dict:
 
 def stage_eval(s: dict, out: Path) -> dict:
     """Judge each held-out site's (and BRIGHT domain's, with eval.bright) top max(k) with every model
-    (resumable per query), then score the first stage, pure reranking and fusion at every k."""
-    import torch
-
-    from . import load
-    from .rerank import bright_contamination, fuse, read_judgements, rerank_run, top_docids
+    (resumable per query), then score the first stage, pure reranking and fusion at every k.
+    eval.split = "val": the training sites' validation questions instead (where a recipe is chosen)."""
+    from .rerank import bright_contamination
     ev = s["eval"]
-    K = max(ev["k"])
+    if ev.get("split") == "val":
+        tasks = {f"val-{site}": site_task(s, site, out / "eval" / f"val-{site}", val=True) for site in sites(s)[0]}
+        return _judge_and_score(s, out, tasks)
     tasks = {site: site_task(s, site, out / "eval" / site) for site in sites(s)[1]}
     for domain in ev.get("bright") or []:
         for name, (spec, _) in models(s, out).items():
@@ -306,6 +312,17 @@ def stage_eval(s: dict, out: Path) -> dict:
             if why:
                 raise UsageError(f"not evaluated on BRIGHT: {why}")
         tasks[f"bright-{domain}"] = bright_task(s, domain)
+    return _judge_and_score(s, out, tasks)
+
+
+def _judge_and_score(s: dict, out: Path, tasks: dict) -> dict:
+    import torch
+
+    from . import load
+    from .rerank import fuse, read_judgements, rerank_run, top_docids
+    ev = s["eval"]
+    K = max(ev["k"])
+    fusions = [m for m in ([ev["fuse"]] if isinstance(ev["fuse"], str) else ev["fuse"]) if m != "none"]
     dtype = getattr(torch, ev.get("dtype", "float32"))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     results = {site: {} for site in tasks}
@@ -321,8 +338,9 @@ def stage_eval(s: dict, out: Path) -> dict:
                 cut = {q: [j for j in js if j.docid in top[q]] for q, js in judged.items()}
                 r = results[site].setdefault(f"top{k}", {"first stage": _evaluate(top, qrels, excluded)})
                 r[name] = _evaluate(fuse(top, cut, "none"), qrels, excluded)
-                if ev["fuse"] != "none":
-                    r[f"{name} + fusion"] = _evaluate(fuse(top, cut, ev["fuse"]), qrels, excluded)
+                for m in fusions:
+                    label = f"{name} + {m}" if len(fusions) > 1 else f"{name} + fusion"
+                    r[label] = _evaluate(fuse(top, cut, m), qrels, excluded)
                 r.setdefault("unparsed", {})[name] = sum(j.score < 0 for js in cut.values() for j in js)
         del model
     return results
@@ -352,8 +370,10 @@ def write_report(s: dict, out: Path, results: dict, stages: list[str]) -> Path:
     write_json(out / "report.json", {"settings": s, "stages": stages, "results": results, "curves": curves})
     lines = [f"# Recipe report: preset {s['preset']}, model {s['model']}, format {s['format']}", ""]
     lines += [f"- {line}" for line in stages] + [""]
-    lines += ["Held-out sites (never trained on). First stage: BM25 over all the site's answers; "
-              "qrels: accepted answer 2, the question's other answers 1. Metrics x 100.", ""]
+    where = ("Validation questions of the training sites (where recipes are compared)" if s["eval"].get("split") == "val"
+             else "Held-out sites (never trained on)")
+    lines += [f"{where}. First stage: BM25 over all the site's answers; qrels: accepted answer 2, the question's "
+              f"other answers 1. Fusion: {s['eval']['fuse']}. Metrics x 100.", ""]
     for site, by_k in results.items():
         for k, rows in by_k.items():
             lines += [f"## {site}, {k} ({len(rows) - 2} systems)", "", "| system | " + " | ".join(EVAL_METRICS) + " |",

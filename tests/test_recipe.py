@@ -64,6 +64,12 @@ def test_eval_task_from_a_dump(tmp_path):
     assert list(queries) == ["1", "4", "7"] and len(docs) == 6
     assert qrels["4"] == {"answer:5": 2, "answer:6": 1}
     assert queries["1"].startswith("How do I")
+    # the recipe's validation task: only the questions `train.py data` put in val.jsonl, first stage over all answers
+    from minirank.datagen import is_val
+    s = recipe.resolve("cpu-small", [f"sites_dir={root}", "eval_sites=[]", "data.val_fraction=0.5", "eval.k=[2]"])
+    q, d, r, run, _ = recipe.site_task(s, "site0", tmp_path / "t", val=True)
+    assert set(q) == {x for x in queries if is_val(x, 0.5)} and d == docs and all(len(run[x]) == 2 for x in q)
+    assert (tmp_path / "t" / "bm25.trec").is_file() and (tmp_path / "t" / "qrels.txt").is_file()
 
 
 def test_presets_resolve_and_list(capsys):
