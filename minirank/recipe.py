@@ -389,7 +389,7 @@ def write_report(s: dict, out: Path, results: dict, stages: list[str]) -> Path:
             systems = list(next(iter(mean.values())))
             lines += [f"| {name} | " + " | ".join(f"{mean[k][name]:.1f}" for k in mean) + " |" for name in systems] + [""]
     atomic_write(out / "report.md", "\n".join(lines) + "\n")
-    _plot(curves, out / "report.png")
+    _plot(curves, out)
     return out / "report.md"
 
 
@@ -406,31 +406,14 @@ def mean_over_sites(results: dict, metric: str = "ndcg@10", bright: bool = False
     return {k: {n: round(sum(v) / len(v), 2) for n, v in rows.items()} for k, rows in mean.items()}
 
 
-def _plot(curves: dict, path: Path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"(no {path.name}: matplotlib is missing; pip install -e '.[plot]' and rerun to draw it)")
-        return
-    panels = [("loss", ("sft", "loss"), ("sft", "val_loss")),
-              ("reward", ("grpo", "reward_mean"), ("grpo", "val_reward")),
-              ("validation accuracy", ("sft", "val_accuracy"), ("grpo", "val_accuracy"))]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
-    for ax, (title, *series) in zip(axes, panels):
-        for stage, key in series:
-            pts = curves.get(stage, {}).get(key)
-            if pts:
-                ax.plot(*zip(*pts), marker="o" if len(pts) < 20 else None, label=f"{stage} {key}")
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        if ax.lines:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def _plot(curves: dict, out: Path) -> None:
+    """DIR/report.png: both training stages' curves, drawn by training.plot_curves."""
+    from .training import plot_curves
+    rows = [{"step": step, f"{stage} {key}": v} for stage, keys in curves.items()
+            for key, pts in keys.items() for step, v in pts]
+    panels = [("loss", ["sft loss", "sft val_loss"]), ("reward", ["grpo reward_mean", "grpo val_reward"]),
+              ("validation accuracy", ["sft val_accuracy", "grpo val_accuracy"])]
+    plot_curves(out, panels, rows=rows, name="report.png")
 
 
 # ----------------------------------------------------------------------------------------------

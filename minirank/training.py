@@ -570,19 +570,20 @@ class MetricsLog:
 VALIDATION = ("val_accuracy", "val_parse_rate", "val_auc", "val_ndcg10", "first_stage_ndcg10")
 
 
-def plot_curves(out, panels) -> Path | None:
+def plot_curves(out, panels, rows=None, name="curves.png") -> Path | None:
     """DIR/curves.png: one panel per (title, metric keys) that has data ('reward_*' matches a prefix);
-    every other logged number stays in metrics.jsonl. Without matplotlib, one line says how to get it."""
+    every other logged number stays in metrics.jsonl. Without matplotlib, one line says how to get it.
+    rows: the points to draw ({"step": n, key: value} dicts), by default the run's metrics.jsonl."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         from matplotlib.ticker import MaxNLocator
     except ImportError:
-        print(f"{out}/curves.png not drawn: matplotlib is missing (pip install 'minirank[plot]'; a rerun of the "
+        print(f"{out}/{name} not drawn: matplotlib is missing (pip install 'minirank[plot]'; a rerun of the "
               f"same command draws it)")
         return None
-    rows = MetricsLog(out).read()
+    rows = MetricsLog(out).read() if rows is None else rows
     logged = list(dict.fromkeys(k for r in rows for k, v in r.items() if isinstance(v, (int, float)) and k != "step"))
     found = [(t, [k for k in logged if k in keys or any(p.endswith("*") and k.startswith(p[:-1]) for p in keys)])
              for t, keys in panels]
@@ -600,7 +601,7 @@ def plot_curves(out, panels) -> Path | None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    png = Path(out) / "curves.png"
+    png = Path(out) / name
     fig.savefig(png, dpi=100)
     plt.close(fig)
     return png

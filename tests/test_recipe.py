@@ -143,7 +143,7 @@ def test_tiny_recipe_killed_in_each_stage_reruns_to_the_same_report(tmp_path, ti
     assert set(res) == {"top3", "top5"}
     assert [n for n in res["top5"] if n != "unparsed"][:4] == ["first stage", "base", "base + fusion", "sft"]
     assert {"grpo", "grpo + fusion"} <= set(res["top5"]) and set(res["top5"]["unparsed"]) == {"base", "sft", "grpo"}
-    assert (tmp_path / "whole" / "final" / "config.json").is_file()
+    assert (tmp_path / "whole" / "final" / "config.json").is_file() and (tmp_path / "whole" / "report.png").is_file()
     assert (tmp_path / "whole" / "report.md").read_text().count("| first stage |") == 3  # top3, top5, the mean
     assert json.loads((tmp_path / "whole" / "recipe.json").read_text())["format"] == "label"
 
