@@ -12,6 +12,12 @@ each (query, document) rendered by prompts.prompt_ids exactly as rerank.py rende
   label    ours: rerank.judge --format label (forced label prefix, one forward pass, no decoding);
            transformers: generate of the label line (up to 16 tokens, same stops), as one would do it.
 fp32 on CPU (bf16 is ~5x slower there). One run of each side, same process, same machine.
+
+Both sides are compute-bound on a CPU, so the bench also prints the work each side does per document
+(tokens through the model: ours prefills a query's shared prefix once; transformers prefills every whole
+prompt) and the matmul rate that work implies (2 x non-embedding weights per token, plus the LM head at the
+positions that need logits; attention not counted) next to this machine's measured fp32 matmul peak.
+The ratio of the work is the most prefix sharing and one-pass scoring can buy; the rest is efficiency.
 """
 
 import argparse
@@ -67,6 +73,17 @@ def timed(fn):
     return time.perf_counter() - t0, res
 
 
+def matmul_peak(seconds=3.0):
+    """fp32 GFLOP/s of a prefill-shaped matmul (2048 tokens x 576 -> 1536) on this machine."""
+    a, b = torch.randn(2048, 576), torch.randn(576, 1536)
+    a @ b
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        n += 1
+    return 2 * a.shape[0] * a.shape[1] * b.shape[1] * n / (time.perf_counter() - t0) / 1e9
+
+
 def cpu(args):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     torch.manual_seed(0)
@@ -80,6 +97,9 @@ def cpu(args):
           f"{args.docs} documents, prompts {min(lens)}-{max(lens)} tokens (mean {sum(lens) / len(lens):.0f})")
     print(f"{'format':<8} {'ours docs/s':>11} {'hf docs/s':>10} {'ratio':>7} {'ours s':>8} {'hf s':>8}  same judgements")
     eos = sorted(tok.stop_ids)
+    body = 2 * sum(p.numel() for n, p in model.named_parameters() if "embed" not in n)  # FLOPs per token
+    head = 2 * model.config.hidden_size * model.n_tokens  # FLOPs of one position's logits
+    work_lines = []
     for fmt, budget in (("explain", args.new_tokens), ("label", 16)):
         prompts = [prompt_ids(tok, q, d, fmt) for q, ds in work for _, d in ds]
         t_ours, ours = timed(lambda: [j for q, ds in work for j in rerank.judge(
@@ -89,6 +109,21 @@ def cpu(args):
         pairs = [(j.label, parse_label(t)) for j, t in zip(ours, theirs) if parse_label(t) is not None]
         print(f"{fmt:<8} {n_docs / t_ours:11.2f} {n_docs / t_hf:10.2f} {t_hf / t_ours:6.2f}x {t_ours:8.1f} {t_hf:8.1f}  "
               f"same label {sum(a == b for a, b in pairs)}/{len(pairs)} labelled by transformers", flush=True)
+        # tokens through the model and positions needing logits, per side (a generated token is one of each)
+        new_ours = [len(tok.encode(j.text, add_special_tokens=False)) for j in ours] if fmt == "explain" else [0] * n_docs
+        new_hf = [len(tok.encode(t, add_special_tokens=False)) + 1 for t in theirs]  # + the stop token
+        shared = [rerank.shared_prefix([prompt_ids(tok, q, d, fmt) for _, d in ds]) for q, ds in work]
+        label_prefix = len(rerank.label_prefix_ids(tok)) if fmt == "label" else 0
+        ours_n = sum(len(p) for p in prompts) - sum(s * (len(ds) - 1) for s, (_, ds) in zip(shared, work)) \
+            + label_prefix * n_docs + sum(new_ours)
+        hf_n = sum(len(p) for p in prompts) + sum(new_hf)
+        ours_flop = ours_n * body + (sum(new_ours) or n_docs) * head  # label: one position per document
+        hf_flop = hf_n * body + sum(new_hf) * head
+        work_lines.append(f"{fmt:<8} {ours_n / n_docs:9.0f} {hf_n / n_docs:9.0f} {hf_flop / ours_flop:10.2f}x "
+                          f"{ours_flop / t_ours / 1e9:9.1f} {hf_flop / t_hf / 1e9:8.1f}")
+    print(f"# work per document and the matmul rate it implies; this machine's fp32 matmul peak: {matmul_peak():.0f} GFLOP/s")
+    print(f"{'format':<8} {'ours tok':>9} {'hf tok':>9} {'work ratio':>11} {'ours GF/s':>9} {'hf GF/s':>8}")
+    print("\n".join(work_lines))
 
 
 def cuda(args):
