@@ -237,11 +237,11 @@ def held_out_eval(f: Path, common: list[str], splits: dict, final: Path | None =
     from minirank import grpo, training as T
     cfg = T.parse_config(grpo.GRPOConfig, [*common, "--out", str(f.parent / "unused")], "grpo")
     if final is None:
-        model, tok, amp, _ = T.load_model(cfg, torch.device("cpu"), cfg.adapter)
+        model, tok, _, _ = T.load_model(cfg, torch.device("cpu"), cfg.adapter)
     else:
-        (model, tok), amp = minirank.load(final), None
+        model, tok = minirank.load(final)
     fns = grpo.resolve_rewards(cfg.reward)
-    m = {name: grpo.evaluate_labels(model, tok, [r for _, r in T.read_records(path)], cfg, fns, amp)
+    m = {name: grpo.evaluate_labels(model, tok, [r for _, r in T.read_records(path)], cfg, fns)
          for name, path in splits.items()}
     f.write_text(json.dumps(m) + "\n")
     return m
