@@ -112,10 +112,10 @@ def cpu(args):
         # tokens through the model and positions needing logits, per side (a generated token is one of each)
         new_ours = [len(tok.encode(j.text, add_special_tokens=False)) for j in ours] if fmt == "explain" else [0] * n_docs
         new_hf = [len(tok.encode(t, add_special_tokens=False)) + 1 for t in theirs]  # + the stop token
-        shared = [rerank.shared_prefix([prompt_ids(tok, q, d, fmt) for _, d in ds]) for q, ds in work]
+        D = args.docs  # each query's prompts are D consecutive entries of `prompts`
+        shared = [rerank.shared_prefix(prompts[i:i + D]) for i in range(0, n_docs, D)]
         label_prefix = len(rerank.label_prefix_ids(tok)) if fmt == "label" else 0
-        ours_n = sum(len(p) for p in prompts) - sum(s * (len(ds) - 1) for s, (_, ds) in zip(shared, work)) \
-            + label_prefix * n_docs + sum(new_ours)
+        ours_n = sum(len(p) for p in prompts) - sum(shared) * (D - 1) + label_prefix * n_docs + sum(new_ours)
         hf_n = sum(len(p) for p in prompts) + sum(new_hf)
         ours_flop = ours_n * body + (sum(new_ours) or n_docs) * head  # label: one position per document
         hf_flop = hf_n * body + sum(new_hf) * head
