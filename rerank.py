@@ -54,7 +54,7 @@ def job_settings(args, model_dir: Path, tok, queries: dict, docs: dict, run: dic
             "queries": files.content_hash({q: queries.get(q) for q in run}),
             "documents": files.content_hash({d: docs.get(d) for ids in used.values() for d in ids}),
             "max_doc_chars": MAX_DOC_CHARS, "prompt": prompt_hash(args.format),
-            "chat_template": prompt_fingerprint(tok, args.format)}
+            "max_prompt_len": args.max_prompt_len, "chat_template": prompt_fingerprint(tok, args.format)}
 
 
 def default_out(args) -> Path:
@@ -100,6 +100,8 @@ def parse_args(argv):
     ap.add_argument("--top-k", metavar="K", type=int, default=100, help="candidates judged per query (default: 100)")
     ap.add_argument("--max-new-tokens", metavar="N", type=int, help=f"explanation budget per document (default: {MAX_NEW_TOKENS}; "
                                                        f"{DEMO_MAX_NEW_TOKENS} for the demo; unused by --format label)")
+    ap.add_argument("--max-prompt-len", metavar="N", type=int, help="cut each document until its prompt fits in N "
+                    "tokens, as `train.py sft --max-len` cut the training prompts (default: no cut beyond 8,000 characters)")
     ap.add_argument("--batch-size", metavar="N", type=int, default=16, help="decode slots, continuous batching (default: 16)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="weights and activations (default: float32; bfloat16 is for GPUs, ~5x slower on a CPU)")
@@ -179,6 +181,7 @@ def main(argv=None):
     model, tok = minirank.load(model_dir, dtype=getattr(torch, args.dtype), device=args.device)
     out_jsonl = args.out / "judgements.jsonl"
     job = dict(top_k=args.top_k, fmt=args.format, batch_size=args.batch_size, compile=args.compile,
+               max_prompt_len=args.max_prompt_len,
                **({"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}))
     rerank_run(model, tok, queries, docs, first, out_jsonl, rank=rank, world_size=world, **job)
     barrier()

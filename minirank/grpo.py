@@ -272,7 +272,8 @@ def score_group(g: Group, reward_fns: dict, cfg) -> Group:
 def rollout(model, tok, records: list[dict], cfg, reward_fns: dict, seed: int) -> list[Group]:
     """G samples of each record's prompt, scored. generate() prefills each prompt once and forks its
     K/V into the G rows; rows stream through --rollout-batch slots (continuous batching)."""
-    prompts = [P.prompt_ids(tok, r["query"], r["document"], cfg.format) for r in records]
+    prompts = [P.prompt_ids(tok, r["query"], r["document"], cfg.format, cfg.max_prompt_len or None)
+               for r in records]
     G = cfg.group_size
     was_training = model.training
     model.eval()
@@ -491,7 +492,8 @@ def _all_reduce(x):  # sum over ranks (normalisers, reward moments)
 
 def evaluate_labels(model, tok, records: list[dict], cfg, reward_fns: dict) -> dict:
     """training.evaluate_labels on held-out records (greedy, --max-new-tokens), with the mean reward."""
-    prompts = [P.prompt_ids(tok, r["query"], r["document"], cfg.format) for r in records]
+    prompts = [P.prompt_ids(tok, r["query"], r["document"], cfg.format, cfg.max_prompt_len or None)
+               for r in records]
     reward = lambda i, text, toks, fin: sum(float(fn(Sample(text, toks, fin, records[i]), cfg))  # noqa: E731
                                             for fn in reward_fns.values())
     return T.evaluate_labels(model, tok, prompts, [r["label"] for r in records], cfg.max_new_tokens,
@@ -550,6 +552,8 @@ class GRPOConfig(T.TrainConfig):
     group_size: int = opt(8, "G: completions sampled per prompt (8-16 in 2025 practice)")
     prompts_per_step: int = opt(8, "prompts (groups) per step, per rank")
     max_new_tokens: int = opt(512, "completion budget (also in validation); longer ones are cut (see --overlong)")
+    max_prompt_len: int = opt(0, "cut each document until its prompt fits in N tokens, as `sft --max-len` cut "
+                                 "SFT's (0: no cut beyond 8,000 characters)")
     temperature: float = opt(1.0, "sampling temperature; the ratio's pi_old and pi_theta are the tempered "
                                   "distribution too (as in TRL)")
     rollout_batch: int = opt(64, "decode slots of the sampler (continuous batching)")

@@ -58,9 +58,24 @@ def rerank_messages(query: str, document: str, fmt: str = "explain") -> list[dic
     return [{"role": "user", "content": f"{INSTRUCTIONS[_check_fmt(fmt)]}\n\nQuestion:\n{query}\n\nDocument:\n{doc}"}]
 
 
-def prompt_ids(tok, query: str, document: str, fmt: str = "explain") -> list[int]:
-    """Token ids of the prompt in the model's own chat format, date pinned, ready for generation."""
-    return tok.chat(rerank_messages(query, document, fmt), **CHAT_VARS)
+def prompt_ids(tok, query: str, document: str, fmt: str = "explain", max_tokens: int | None = None) -> list[int]:
+    """Token ids of the prompt in the model's own chat format, date pinned, ready for generation.
+    max_tokens: a longer prompt keeps the longest prefix of its document that fits (binary search on
+    characters, re-rendered so the chat template stays intact); ValueError if even no document does not
+    fit. SFT cuts its training prompts this way, so GRPO and the reranker can read what SFT trained on."""
+    render = lambda k: tok.chat(rerank_messages(query, document[:k], fmt), **CHAT_VARS)  # noqa: E731
+    ids = render(MAX_DOC_CHARS)
+    if max_tokens is None or len(ids) <= max_tokens:
+        return ids
+    best = render(0)
+    if len(best) > max_tokens:
+        raise ValueError(f"the prompt is {len(best)} tokens with an empty document: no room under {max_tokens}")
+    lo, hi = 0, min(len(document), MAX_DOC_CHARS)  # lo fits, hi does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        ids = render(mid)
+        lo, hi, best = (mid, hi, ids) if len(ids) <= max_tokens else (lo, mid, best)
+    return best
 
 
 def format_target(explanation: str, label: int, fmt: str = "explain") -> str:

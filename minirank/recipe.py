@@ -58,8 +58,9 @@ PRESETS = {
                 "gradient_checkpointing": False, "save_every": 5, "val_limit": 64, "val_max_new_tokens": 16},
         "grpo": {"max_steps": 10, "lora": "rl", "lr": 5e-5, "group_size": 8, "prompts_per_step": 8,
                  "max_new_tokens": 12, "overlong": "mask", "eval_every": 0, "eval_first": False, "save_every": 2,
-                 "val_limit": 32},
-        "eval": {"k": [10], "fuse": "linear:0.2", "batch_size": 16},
+                 "val_limit": 32, "max_prompt_len": 376},
+        # 376 = sft.max_len less the 8-token label line: GRPO and the evaluation read the prompts SFT trained on
+        "eval": {"k": [10], "fuse": "linear:0.2", "batch_size": 16, "max_prompt_len": 376},
     },
     # The paper's recipe (METHOD.md): Llama-3.2-3B-Instruct, teacher explanations of linked web pages,
     # LoRA r 64 / alpha 16 on q,k,v,o,gate, lr 2e-4 constant, batch 16, one epoch; GRPO on top;
@@ -332,7 +333,8 @@ def _judge_and_score(s: dict, out: Path, tasks: dict) -> dict:
         for site, (queries, docs, qrels, run, excluded) in tasks.items():
             path = out / "eval" / site / name / "judgements.jsonl"
             rerank_run(model, tok, queries, docs, run, path, top_k=K, fmt=fmt, batch_size=ev["batch_size"],
-                       max_new_tokens=16 if fmt == "label" else ev.get("max_new_tokens", 1024))
+                       max_new_tokens=16 if fmt == "label" else ev.get("max_new_tokens", 1024),
+                       max_prompt_len=ev.get("max_prompt_len"))
             judged = read_judgements(path)
             for k in ev["k"]:
                 top = {q: {d: run[q][d] for d in top_docids(run[q], k)} for q in run}
@@ -443,16 +445,17 @@ def commands(s: dict, out: Path) -> list[str]:
         cmds.append("python train.py " + " ".join(sft_command(s, out, ablation=True)))
     if s["grpo"].get("max_steps", 0):
         cmds.append("python train.py " + " ".join(grpo_command(s, out)))
+    cut = f" --max-prompt-len {s['eval']['max_prompt_len']}" if s["eval"].get("max_prompt_len") else ""
     for site in sites(s)[1]:
         d = out / "eval" / site
         for name, (spec, fmt) in models(s, out).items():
             cmds.append(f"python rerank.py --model {spec} --queries {d}/queries.jsonl --docs {d}/docs.jsonl "
                         f"--run {d}/bm25.trec --qrels {d}/qrels.txt --top-k {max(s['eval']['k'])} "
-                        f"--format {fmt} --out {d}/{name}")
+                        f"--format {fmt}{cut} --out {d}/{name}")
     for domain in s["eval"].get("bright") or []:
         for name, (spec, fmt) in models(s, out).items():
             cmds.append(f"python rerank.py --model {spec} --bright {domain} --run {s['eval']['bright_run']}/"
-                        f"{domain}.trec.gz --top-k {max(s['eval']['k'])} --format {fmt} "
+                        f"{domain}.trec.gz --top-k {max(s['eval']['k'])} --format {fmt}{cut} "
                         f"--out {out}/eval/bright-{domain}/{name}")
     return cmds
 

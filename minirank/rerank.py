@@ -78,11 +78,12 @@ def label_prefix_ids(tok) -> list[int]:
 
 
 def judge(model, tok, query: str, docs: list[tuple[str, str]], fmt: str = "explain", max_new_tokens: int = 1024,
-          batch_size: int = 16, compile: bool = False) -> list[Judgement]:
+          batch_size: int = 16, compile: bool = False, max_prompt_len: int | None = None) -> list[Judgement]:
     """Greedy judgement (explanation + label, or the label alone with fmt="label") of each
     (docid, text), continuous-batched through batch_size slots. Prompts come from prompts.prompt_ids,
-    exactly as in training (chat template, pinned date, document cut); the ids all of a query's
-    prompts share (instructions + question) are prefilled once.
+    exactly as in training (chat template, pinned date, document cut; max_prompt_len: each document
+    cut further until its prompt fits, as SFT's --max-len cut its training prompts); the ids all of a
+    query's prompts share (instructions + question) are prefilled once.
 
     fmt="label" needs no decoding: the label line's prefix is appended as forced tokens and the label
     distribution read at the one position that follows (max_new_tokens unused). Its label is the most
@@ -91,7 +92,7 @@ def judge(model, tok, query: str, docs: list[tuple[str, str]], fmt: str = "expla
     if not docs:
         return []
     label_ids = label_token_ids(tok)
-    prompts = [prompt_ids(tok, query, text, fmt) for _, text in docs]
+    prompts = [prompt_ids(tok, query, text, fmt, max_prompt_len) for _, text in docs]
     if fmt == "label":
         prompts = [p + label_prefix_ids(tok) for p in prompts]
         max_new_tokens = 1
@@ -200,12 +201,12 @@ def bright_contamination(model_dir: str | Path, domain: str) -> str | None:
     return None
 
 
-def prompt_fingerprint(tok, fmt: str = "explain") -> str:
+def prompt_fingerprint(tok, fmt: str = "explain", max_prompt_len: int | None = None) -> str:
     """What every prompt shares, rendered: the instructions, label format, document cut and pinned date
     (prompts.prompt_hash) and a fixed pair through the model's chat template and tokenizer, so a new
-    template, tokenizer or prompt wording gives a new fingerprint."""
+    template, tokenizer or prompt wording gives a new fingerprint; and the prompt length cap, if any."""
     probe = prompt_ids(tok, "Is this a question?", "A document.", fmt)
-    return content_hash([prompt_hash(fmt), probe])[:16]
+    return content_hash([prompt_hash(fmt), probe] + ([max_prompt_len] if max_prompt_len else []))[:16]
 
 
 def query_key(prompt_fp: str, query: str, docids: list[str], docs: dict[str, str]) -> str:
@@ -272,7 +273,7 @@ def _fold_ranks(out_jsonl: Path, current) -> None:
 
 def rerank_run(model, tok, queries: dict[str, str], docs: dict[str, str], run: dict[str, dict[str, float]],
                out_jsonl: str | Path, top_k: int = 100, fmt: str = "explain", rank: int = 0, world_size: int = 1,
-               **judge_kwargs) -> dict[str, dict[str, float]]:
+               max_prompt_len: int | None = None, **judge_kwargs) -> dict[str, dict[str, float]]:
     """Rerank the top_k of every query in `run`; judgements go to out_jsonl (one line per query,
     flushed as each finishes). A query already there is not judged again if its line was made from
     the same prompt format, query text and top-k documents (see query_key); otherwise it is judged
@@ -290,7 +291,7 @@ def rerank_run(model, tok, queries: dict[str, str], docs: dict[str, str], run: d
         absent = [d for d in ids if d not in docs]
         if absent:
             raise ValueError(f"query {qid}: documents not in the corpus: {absent[:5]}")
-    fp = prompt_fingerprint(tok, fmt)
+    fp = prompt_fingerprint(tok, fmt, max_prompt_len)
     keys = {qid: query_key(fp, queries[qid], ids, docs) for qid, ids in ranked.items()}
     current = lambda q, key, js: q in run and key == keys[q] and [j.docid for j in js] == ranked[q]
 
@@ -314,7 +315,8 @@ def rerank_run(model, tok, queries: dict[str, str], docs: dict[str, str], run: d
     mine.parent.mkdir(parents=True, exist_ok=True)
     with open(mine, "a") as f:
         for qid in tqdm(todo, desc="rerank" if world_size == 1 else f"rerank rank {rank}", unit="query"):
-            js = judge(model, tok, queries[qid], [(d, docs[d]) for d in ranked[qid]], fmt=fmt, **judge_kwargs)
+            js = judge(model, tok, queries[qid], [(d, docs[d]) for d in ranked[qid]], fmt=fmt,
+                       max_prompt_len=max_prompt_len, **judge_kwargs)
             f.write(json.dumps({"qid": qid, "key": keys[qid], "judgements": [asdict(j) for j in js]}) + "\n")
             f.flush()
             os.fsync(f.fileno())

@@ -68,22 +68,20 @@ class Example:
 
 
 def encode(tok, r, fmt: str, max_len: int, truncate: str) -> tuple[Example | None, str]:
-    """One record -> Example; ('cut' | 'dropped' | 'ok'). Over-long: the document is shortened (binary
-    search on characters, re-rendered so the chat template stays intact) until prompt + target fit;
-    the target is never touched. If even an empty document does not fit, the example is dropped."""
+    """One record -> Example; ('cut' | 'dropped' | 'ok'). Over-long: the document is shortened
+    (prompts.prompt_ids' max_tokens) until prompt + target fit; the target is never touched. If even an
+    empty document does not fit, the example is dropped."""
     target = prompts.completion_ids(tok, r.get("explanation", ""), r["label"], fmt)
-    doc = r["document"]
-    prompt = prompts.prompt_ids(tok, r["query"], doc, fmt)
+    prompt = prompts.prompt_ids(tok, r["query"], r["document"], fmt)
     if len(prompt) + len(target) <= max_len:
         return Example(prompt, target, r["label"]), "ok"
-    fits = lambda k: len(prompts.prompt_ids(tok, r["query"], doc[:k], fmt)) + len(target) <= max_len  # noqa: E731
-    if truncate == "drop" or not fits(0):
+    if truncate == "drop":
         return None, "dropped"
-    lo, hi = 0, min(len(doc), prompts.MAX_DOC_CHARS)  # lo fits, hi does not
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return Example(prompts.prompt_ids(tok, r["query"], doc[:lo], fmt), target, r["label"]), "cut"
+    try:
+        prompt = prompts.prompt_ids(tok, r["query"], r["document"], fmt, max_tokens=max_len - len(target))
+    except ValueError:
+        return None, "dropped"
+    return Example(prompt, target, r["label"]), "cut"
 
 
 def load_examples(path, tok, cfg: SFTConfig, log=print) -> tuple[list[Example], list[dict]]:

@@ -40,3 +40,19 @@ def test_prompt_and_target_ids_match_transformers(smol_dir):
         assert full[:len(ids) + len(target)] == ids + target
         assert target[-1] == ref.convert_tokens_to_ids("<|im_end|>") == prompts.end_of_turn_id(tok)
         assert target[-1] in tok.stop_ids
+
+
+def test_max_tokens_keeps_the_longest_document_prefix_that_fits(smol_dir):
+    from minirank.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(smol_dir)
+    q, d = "Why does my espresso taste sour?", "Under-extraction means too little is dissolved: grind finer. " * 20
+    full = prompts.prompt_ids(tok, q, d, "label")
+    assert prompts.prompt_ids(tok, q, d, "label", max_tokens=len(full)) == full  # fits: untouched
+    empty = len(prompts.prompt_ids(tok, q, "", "label"))
+    cap = (empty + len(full)) // 2
+    cut = prompts.prompt_ids(tok, q, d, "label", max_tokens=cap)
+    k = next(k for k in range(len(d), -1, -1) if prompts.prompt_ids(tok, q, d[:k], "label") == cut)
+    assert len(cut) <= cap < len(prompts.prompt_ids(tok, q, d[:k + 1], "label"))  # one more character: too long
+    with pytest.raises(ValueError, match="empty document"):
+        prompts.prompt_ids(tok, q, d, "label", max_tokens=empty - 1)

@@ -103,6 +103,13 @@ def test_interank_3b_dry_run_prints_every_stage(tmp_path, capsys):
     # (2 held-out sites + 7 BRIGHT StackExchange domains) x (base, sft, sft-label, grpo)
     assert len(rr) == (2 + 7) * 4 and sum("--bright biology" in c for c in rr) == 4
     assert not (tmp_path / "r").exists()  # a dry run writes nothing
+    # cpu-small cuts GRPO's and the evaluation's prompts as SFT cut its own (max_len 384 less the label line)
+    assert recipe.main(["--preset", "cpu-small", "--out", str(tmp_path / "c"), "--dry-run"]) == 0
+    cmds = capsys.readouterr().out.splitlines()
+    assert "--max-len 384" in next(c for c in cmds if c.startswith("python train.py sft"))
+    assert "--max-prompt-len 376" in next(c for c in cmds if c.startswith("python train.py grpo"))
+    rr = [c for c in cmds if c.startswith("python rerank.py")]
+    assert len(rr) == 2 * 3 and all("--max-prompt-len 376" in c for c in rr)
 
 
 def test_pairs_file_errors_name_the_row(tmp_path, tiny, capsys):

@@ -177,6 +177,9 @@ def test_resume_rejudges_what_changed(smol_dir, tmp_path, monkeypatch):
     calls.clear()
     go(top_k=3, fmt="label")
     assert [c[1] for c in calls] == [["a", "b", "c"], ["b", "c", "a"]]
+    calls.clear()
+    go(top_k=3, fmt="label", max_prompt_len=300)  # prompts cut to another length: everything again
+    assert [c[1] for c in calls] == [["a", "b", "c"], ["b", "c", "a"]]
 
 
 def _rerank_cli():
@@ -192,7 +195,8 @@ def test_job_settings_cover_everything_that_changes_a_judgement(smol_dir, tmp_pa
     import argparse
     cli = _rerank_cli()
     tok = minirank.Tokenizer.from_dir(smol_dir)
-    args = argparse.Namespace(model="m", dtype="float32", format="explain", top_k=2, max_new_tokens=16)
+    args = argparse.Namespace(model="m", dtype="float32", format="explain", top_k=2, max_new_tokens=16,
+                              max_prompt_len=None)
     queries, docs = {"q": "why?"}, {"a": "A", "b": "B", "c": "C"}
     run = {"q": {"a": 3.0, "b": 2.0, "c": 1.0}}
     settings = lambda: cli.job_settings(args, smol_dir, tok, queries, docs, run)
@@ -219,6 +223,9 @@ def test_job_settings_cover_everything_that_changes_a_judgement(smol_dir, tmp_pa
     run["q"]["c"] = 2.5
     differs("documents", "run")
     run["q"]["c"] = 1.0
+    args.max_prompt_len = 300
+    differs("max_prompt_len")
+    args.max_prompt_len = None
     monkeypatch.setattr(cli, "MAX_DOC_CHARS", 100)
     monkeypatch.setattr(prompts, "MAX_DOC_CHARS", 100)
     differs("chat_template", "max_doc_chars", "prompt")
