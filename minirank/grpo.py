@@ -433,17 +433,29 @@ NOT_SETTINGS = ("out", "max_steps", "eval_every", "eval_first", "save_every", "k
                 "device", "eval_rerank", "eval_rerank_top_k")  # may change when a run resumes
 
 
+def fitting(records: list[dict], tok, cfg, path, log) -> list[dict]:
+    """With --max-prompt-len, the records whose question alone is longer are dropped, as SFT drops them."""
+    if not cfg.max_prompt_len:
+        return records
+    keep = [r for r in records if len(P.prompt_ids(tok, r["query"], "", cfg.format)) <= cfg.max_prompt_len]
+    if len(keep) < len(records):
+        log(f"{path}: {len(records) - len(keep)} of {len(records)} records dropped: their question alone is longer "
+            f"than --max-prompt-len {cfg.max_prompt_len}")
+    return keep
+
+
 def run(cfg: "GRPOConfig") -> int:
     r = T.open_run(cfg)
     records = [rec for _, rec in T.read_records(cfg.data, "label", cfg.skip_bad, r.log)]
-    train = rank_shard(records, r.rank, r.world, cfg.prompts_per_step)
-    if not train:
-        raise UsageError(f"{cfg.data}: {len(records)} records leave rank {r.rank} of {r.world} no block of "
-                         f"--prompts-per-step {cfg.prompts_per_step}")
-    val = [rec for _, rec in T.read_records(cfg.val, "label", cfg.skip_bad, r.log)][:cfg.val_limit or None] if cfg.val else []
+    val = [rec for _, rec in T.read_records(cfg.val, "label", cfg.skip_bad, r.log)] if cfg.val else []
     rr = load_rerank_set(cfg.eval_rerank) if cfg.eval_rerank else None
     reward_fns = resolve_rewards(cfg.reward)
     model, tok, amp, base_name = T.load_model(cfg, r.device, cfg.adapter)
+    train = rank_shard(fitting(records, tok, cfg, cfg.data, r.log), r.rank, r.world, cfg.prompts_per_step)
+    if not train:
+        raise UsageError(f"{cfg.data}: {len(records)} records leave rank {r.rank} of {r.world} no block of "
+                         f"--prompts-per-step {cfg.prompts_per_step}")
+    val = fitting(val, tok, cfg, cfg.val, r.log)[:cfg.val_limit or None]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = T.make_optimizer(model.named_parameters(), cfg.lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2),
                            cfg.adam_eps)
@@ -552,8 +564,8 @@ class GRPOConfig(T.TrainConfig):
     group_size: int = opt(8, "G: completions sampled per prompt (8-16 in 2025 practice)")
     prompts_per_step: int = opt(8, "prompts (groups) per step, per rank")
     max_new_tokens: int = opt(512, "completion budget (also in validation); longer ones are cut (see --overlong)")
-    max_prompt_len: int = opt(0, "cut each document until its prompt fits in N tokens, as `sft --max-len` cut "
-                                 "SFT's (0: no cut beyond 8,000 characters)")
+    max_prompt_len: int = opt(0, "cut each document until its prompt fits in N tokens, as `sft --max-len` cut SFT's; "
+                                 "a record whose question alone is longer is dropped, as SFT drops it (0: no cut)")
     temperature: float = opt(1.0, "sampling temperature; the ratio's pi_old and pi_theta are the tempered "
                                   "distribution too (as in TRL)")
     rollout_batch: int = opt(64, "decode slots of the sampler (continuous batching)")

@@ -61,8 +61,8 @@ def rerank_messages(query: str, document: str, fmt: str = "explain") -> list[dic
 def prompt_ids(tok, query: str, document: str, fmt: str = "explain", max_tokens: int | None = None) -> list[int]:
     """Token ids of the prompt in the model's own chat format, date pinned, ready for generation.
     max_tokens: a longer prompt keeps the longest prefix of its document that fits (binary search on
-    characters, re-rendered so the chat template stays intact); ValueError if even no document does not
-    fit. SFT cuts its training prompts this way, so GRPO and the reranker can read what SFT trained on."""
+    characters, re-rendered so the chat template stays intact); ValueError if it does not fit even with
+    an empty document. SFT cuts its training prompts this way, so GRPO and the reranker can read what SFT trained on."""
     render = lambda k: tok.chat(rerank_messages(query, document[:k], fmt), **CHAT_VARS)  # noqa: E731
     ids = render(MAX_DOC_CHARS)
     if max_tokens is None or len(ids) <= max_tokens:

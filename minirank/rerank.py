@@ -82,8 +82,8 @@ def judge(model, tok, query: str, docs: list[tuple[str, str]], fmt: str = "expla
     """Greedy judgement (explanation + label, or the label alone with fmt="label") of each
     (docid, text), continuous-batched through batch_size slots. Prompts come from prompts.prompt_ids,
     exactly as in training (chat template, pinned date, document cut; max_prompt_len: each document
-    cut further until its prompt fits, as SFT's --max-len cut its training prompts); the ids all of a
-    query's prompts share (instructions + question) are prefilled once.
+    cut further until its prompt fits, as SFT's --max-len cut its training prompts, unless the question
+    alone is longer); the ids all of a query's prompts share (instructions + question) are prefilled once.
 
     fmt="label" needs no decoding: the label line's prefix is appended as forced tokens and the label
     distribution read at the one position that follows (max_new_tokens unused). Its label is the most
@@ -92,6 +92,8 @@ def judge(model, tok, query: str, docs: list[tuple[str, str]], fmt: str = "expla
     if not docs:
         return []
     label_ids = label_token_ids(tok)
+    if max_prompt_len and len(prompt_ids(tok, query, "", fmt)) > max_prompt_len:
+        max_prompt_len = None  # the question alone is longer (SFT dropped such examples): documents stay uncut
     prompts = [prompt_ids(tok, query, text, fmt, max_prompt_len) for _, text in docs]
     if fmt == "label":
         prompts = [p + label_prefix_ids(tok) for p in prompts]

@@ -582,3 +582,17 @@ def test_ddp_two_ranks_equal_one_process_with_every_group(tmp_path):
         moved = max((want[k] - start[k]).abs().max().item() for k in want)
         assert moved > 1e-4, case  # a real update
         assert max((want[k] - got[k]).abs().max().item() for k in want) <= 1e-6, case
+
+
+def test_max_prompt_len_drops_records_whose_question_alone_is_longer(smol_dir):
+    from minirank.grpo import fitting
+    from minirank.tokenizer import Tokenizer
+    tok = Tokenizer.from_dir(smol_dir)
+    short = {"query": "Why sour?", "document": "Grind finer. " * 200, "label": 2}
+    long = {"query": "Why is my espresso sour? " * 40, "document": "Grind finer.", "label": 0}
+    cap = len(P.prompt_ids(tok, short["query"], "", "label")) + 20
+    cfg = cfg_(format="label", max_prompt_len=cap)
+    said = []
+    assert fitting([short, long], tok, cfg, "x.jsonl", said.append) == [short]
+    assert said == [f"x.jsonl: 1 of 2 records dropped: their question alone is longer than --max-prompt-len {cap}"]
+    assert fitting([short, long], tok, cfg_(format="label"), "x", said.append) == [short, long]

@@ -434,3 +434,24 @@ def test_torchrun_two_gloo_processes_equal_one(smol_dir, tmp_path):
     assert res.returncode == 0, res.stderr
     assert read("three") == read("one") and not list((tmp_path / "three").glob("*.rank*"))
     assert (tmp_path / "three" / "run.trec").read_text() == (tmp_path / "one" / "run.trec").read_text()
+
+
+def test_max_prompt_len_cuts_documents_unless_the_question_alone_is_longer(smol_dir, monkeypatch):
+    from types import SimpleNamespace
+    tok = minirank.Tokenizer.from_dir(smol_dir)
+    seen = []
+
+    def fake_generate(model, prompts, prefix, **kw):
+        seen.append([prefix + p for p in prompts])
+        return SimpleNamespace(tokens=[[0]] * len(prompts), watched=[[[0.0, -1.0, -2.0]]] * len(prompts),
+                               texts=[""] * len(prompts))
+
+    monkeypatch.setattr(rerank, "generate", fake_generate)
+    docs = [("a", "Grind finer and keep the water hot. " * 40), ("b", "Short.")]
+    forced = len(rerank.label_prefix_ids(tok))
+    rerank.judge(None, tok, "Why sour?", docs, fmt="label", max_prompt_len=120)
+    assert len(seen[0][0]) - forced <= 120 < len(prompts.prompt_ids(tok, "Why sour?", docs[0][1], "label"))
+    assert seen[0][1][:-forced] == prompts.prompt_ids(tok, "Why sour?", "Short.", "label")  # fits: untouched
+    long_q = "Why is my espresso sour even though I grind fine? " * 20
+    rerank.judge(None, tok, long_q, docs, fmt="label", max_prompt_len=120)  # the question alone is over 120
+    assert seen[1][0][:-forced] == prompts.prompt_ids(tok, long_q, docs[0][1], "label")
