@@ -338,8 +338,11 @@ def test_ctrl_c_is_one_line_exit_130_and_keeps_the_checkpoint(tiny, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "train.py"), "sft", "--model", str(tiny), "--data", str(data), "--out", str(out),
            "--batch-size", "2", "--max-steps", "100000", "--save-every", "2", "--no-progress"]
+    # SIGINT back to its default in the child: a test run started in the background (`.ci/run &` from a
+    # script) inherits SIGINT ignored, and a Python started that way never raises KeyboardInterrupt
     proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "checkpoints" / "step-2").is_dir():
         time.sleep(0.05)
