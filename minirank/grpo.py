@@ -269,11 +269,15 @@ def score_group(g: Group, reward_fns: dict, cfg) -> Group:
     return g
 
 
+def record_prompts(tok, records: list[dict], cfg) -> list[list[int]]:
+    """The records' prompts, documents cut to --max-prompt-len as SFT cut its own (see `fitting`)."""
+    return [P.prompt_ids(tok, r["query"], r["document"], cfg.format, cfg.max_prompt_len or None) for r in records]
+
+
 def rollout(model, tok, records: list[dict], cfg, reward_fns: dict, seed: int) -> list[Group]:
     """G samples of each record's prompt, scored. generate() prefills each prompt once and forks its
     K/V into the G rows; rows stream through --rollout-batch slots (continuous batching)."""
-    prompts = [P.prompt_ids(tok, r["query"], r["document"], cfg.format, cfg.max_prompt_len or None)
-               for r in records]
+    prompts = record_prompts(tok, records, cfg)
     G = cfg.group_size
     was_training = model.training
     model.eval()
@@ -504,8 +508,7 @@ def _all_reduce(x):  # sum over ranks (normalisers, reward moments)
 
 def evaluate_labels(model, tok, records: list[dict], cfg, reward_fns: dict) -> dict:
     """training.evaluate_labels on held-out records (greedy, --max-new-tokens), with the mean reward."""
-    prompts = [P.prompt_ids(tok, r["query"], r["document"], cfg.format, cfg.max_prompt_len or None)
-               for r in records]
+    prompts = record_prompts(tok, records, cfg)
     reward = lambda i, text, toks, fin: sum(float(fn(Sample(text, toks, fin, records[i]), cfg))  # noqa: E731
                                             for fn in reward_fns.values())
     return T.evaluate_labels(model, tok, prompts, [r["label"] for r in records], cfg.max_new_tokens,
